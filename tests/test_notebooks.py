@@ -1,0 +1,14 @@
+"""Every notebook (library chapters and experiment notebooks with their smoke defaults) runs without error."""
+import pytest
+from fastcore.basics import listify
+from nbdev.config import get_config
+from nbdev.test import test_nb as run_nb   # renamed: pytest would collect a bare `test_nb`
+
+CFG = get_config()
+NBS = sorted(p for p in CFG.nbs_path.rglob('*.ipynb')
+             if not any(s.startswith(('_', '.')) for s in p.relative_to(CFG.nbs_path).parts))
+
+@pytest.mark.parametrize('nb', NBS, ids=lambda p: str(p.relative_to(CFG.nbs_path)))
+def test_notebook(nb):
+    ok, secs = run_nb(nb, skip_flags=listify(CFG.tst_flags.split()), basepath=CFG.config_path)
+    assert ok, f'{nb.name} failed (run it in JupyterLab or with `nbdev_test --path {nb}` to see the error)'
