@@ -67,4 +67,7 @@ d = { 'settings': { 'branch': 'main',
                                 'crmt_nb.models.joint_model': ('models.html#joint_model', 'crmt_nb/models.py'),
                                 'crmt_nb.models.logits_of': ('models.html#logits_of', 'crmt_nb/models.py'),
                                 'crmt_nb.models.rownorm': ('models.html#rownorm', 'crmt_nb/models.py'),
-                                'crmt_nb.models.small_encoder': ('models.html#small_encoder', 'crmt_nb/models.py')}}}
+                                'crmt_nb.models.small_encoder': ('models.html#small_encoder', 'crmt_nb/models.py')},
+            'crmt_nb.paper': { 'crmt_nb.paper._rows_crmt': ('paper.html#_rows_crmt', 'crmt_nb/paper.py'),
+                               'crmt_nb.paper._rows_soe': ('paper.html#_rows_soe', 'crmt_nb/paper.py'),
+                               'crmt_nb.paper.reported': ('paper.html#reported', 'crmt_nb/paper.py')}}}
