@@ -1,0 +1,195 @@
+"""Property tests of crmt_nb.models: the papers' ResNet-18 encoders, paper_model, the MMT, and the two heads."""
+import pytest, torch, torch.nn as nn
+import fastcore.test as fct
+from crmt_nb.models import (JointModel, MMOutput, MMT, ClipEncoder, SpectrogramEncoder, joint_model, mmt_model,
+                            paper_model, resnet18_encoder, rownorm, PAPER_DATASETS, IMAGENET_MEAN, IMAGENET_STD)
+
+TINY = dict(frame_size=32, n_frames=2, spec_shape=(32, 16), patch=8, dim=32, depth_modality=1, depth_joint=1, heads=2)
+
+def clip(b=2, c=3, t=3, s=64, seed=0):
+    return torch.rand(b, c, t, s, s, generator=torch.Generator().manual_seed(seed))
+
+def spec(b=2, h=128, w=32, seed=1):
+    return torch.randn(b, 1, h, w, generator=torch.Generator().manual_seed(seed))
+
+# ---------------------------------------------------------------- ResNet-18 encoders
+@pytest.mark.parametrize('modality,x', [('visual', clip()), ('flow', clip(c=2)), ('audio', spec())])
+def test_encoder_shapes(modality, x):
+    enc = resnet18_encoder(modality).eval()
+    with torch.no_grad(): fct.test_eq(enc(x).shape, (2, 512))
+    fct.test_eq(enc.trunk.conv1.in_channels, x.shape[1])
+    # the trunk is torchvision's ResNet-18 (BasicBlock, 2-2-2-2), not a copy
+    from torchvision.models.resnet import ResNet, BasicBlock
+    assert isinstance(enc.trunk, ResNet) and isinstance(enc.trunk.layer4[1], BasicBlock)
+    fct.test_eq([len(getattr(enc.trunk, f'layer{i}')) for i in range(1, 5)], [2, 2, 2, 2])
+
+def test_audio_feature_map_matches_paper_geometry():
+    "(1024, 128) spectrogram → (512, 32, 4) feature map as in crmt-spec §1.2 (checked on a 1-sample batch)."
+    enc = resnet18_encoder('audio').eval()
+    with torch.no_grad(): fct.test_eq(enc.trunk(torch.randn(1, 1, 1024, 128)).shape, (1, 512, 32, 4))
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_clip_fold_unfold_equals_frame_by_frame(seed):
+    "Folding T into the batch = running the trunk per frame, stacking, 3-D average over (T, h, w)."
+    torch.manual_seed(seed)
+    enc = resnet18_encoder('visual').eval()
+    x = clip(b=3, t=3, seed=seed)
+    x[1] = x[1].flip(1)           # frames differ per sample, so a batch/time mix-up would show
+    with torch.no_grad():
+        fm = enc.frames(x)
+        fct.test_eq(fm.shape, (3, 512, 3, 2, 2))
+        for t in range(3):
+            fct.test_close(fm[:, :, t], enc.trunk(enc.norm(x[:, :, t])), eps=1e-5)
+        ref = torch.stack([enc.trunk(enc.norm(x[:, :, t])).mean((2, 3)) for t in range(3)], 1).mean(1)
+        fct.test_close(enc(x), ref, eps=1e-5)
+        # per-sample: sample b depends only on clip b
+        fct.test_close(enc(x[1:2]), enc(x)[1:2], eps=1e-5)
+
+def test_normalisation_inside_the_model():
+    "The visual encoder's first layer is ImageNet normalisation; flow uses 0.1307/0.3081; audio is the identity."
+    v, f, a = (resnet18_encoder(m) for m in ('visual', 'flow', 'audio'))
+    fct.test_close(v.norm.mean, torch.tensor(IMAGENET_MEAN)); fct.test_close(v.norm.std, torch.tensor(IMAGENET_STD))
+    fct.test_close(f.norm.mean, torch.tensor([0.1307])); fct.test_close(f.norm.std, torch.tensor([0.3081]))
+    assert isinstance(a.norm, nn.Identity)
+    x = torch.full((1, 3, 1, 2, 2), 0.485)
+    fct.test_close(v.norm(x)[:, 0], torch.zeros(1, 1, 2, 2), eps=1e-6)
+
+@pytest.mark.parametrize('dataset', list(PAPER_DATASETS))
+@pytest.mark.parametrize('head', ['concat', 'orth'])
+def test_paper_model(dataset, head):
+    torch.manual_seed(0)
+    m = paper_model(dataset, head=head).eval()
+    K = {'ks': 31, 'ucf101': 101, 'vggsound': 309}[dataset]
+    fct.test_eq(m.n_classes, K); assert isinstance(m, JointModel)
+    xs = (clip(b=1, t=2, s=32), clip(b=1, c=2, t=2, s=32) if dataset == 'ucf101' else spec(b=1, h=64, w=32))
+    with torch.no_grad(): out = m(xs)
+    assert isinstance(out, MMOutput)
+    fct.test_eq(out.logits.shape, (1, K)); fct.test_eq([f.shape for f in out.features], [(1, 512), (1, 512)])
+    fct.test_eq(paper_model('vggsound', n_classes=310).n_classes, 310)
+
+def test_pretrained_and_bad_names_raise():
+    fct.test_fail(lambda: paper_model('ks', pretrained=True), contains='load a state_dict')
+    fct.test_fail(lambda: resnet18_encoder('rgb'), contains="expected one of ['visual', 'flow', 'audio']")
+    fct.test_fail(lambda: paper_model('kinetics'), contains='unknown dataset')
+
+@pytest.mark.parametrize('modality,x,msg', [
+    ('visual', torch.rand(2, 3, 32, 32), '5-D input (B, C, T, H, W) with C=3'),
+    ('visual', torch.rand(2, 1, 2, 32, 32), 'with C=3, got shape (2, 1, 2, 32, 32)'),
+    ('flow', torch.rand(2, 3, 2, 32, 32), 'with C=2'),
+    ('audio', torch.randn(2, 64, 32), 'x.unsqueeze(1)'),
+    ('audio', torch.randn(2, 2, 64, 32), '4-D input (B, C, H, W) with C=1')])
+def test_wrong_rank_or_channels(modality, x, msg):
+    fct.test_fail(lambda: resnet18_encoder(modality)(x), contains=msg)
+
+def test_channels_last_same_output():
+    "channels_last model/inputs (4-D; channels_last_3d for clips) give the same features as contiguous ones."
+    torch.manual_seed(0)
+    for modality, x, fmt in [('audio', spec(), torch.channels_last), ('visual', clip(s=32), torch.channels_last_3d),
+                             ('flow', clip(c=2, s=32), torch.channels_last_3d)]:
+        enc = resnet18_encoder(modality).eval()
+        with torch.no_grad():
+            ref = enc(x)
+            cl = resnet18_encoder(modality).eval(); cl.load_state_dict(enc.state_dict())
+            cl = cl.to(memory_format=torch.channels_last)
+            assert cl.trunk.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            fct.test_close(cl(x.contiguous(memory_format=fmt)), ref, eps=1e-4)
+            fct.test_close(cl(x), ref, eps=1e-4)
+            fct.test_close(enc(x.contiguous(memory_format=fmt)), ref, eps=1e-4)
+
+def test_resnet_backward_in_train_mode():
+    torch.manual_seed(0)
+    m = paper_model('ks', head='orth').train()
+    out = m(clip(b=2, t=2, s=32), spec(b=2, h=64, w=32))
+    nn.functional.cross_entropy(out.logits, torch.tensor([0, 3])).backward()
+    for enc in m.encoders: assert enc.trunk.conv1.weight.grad.abs().sum() > 0
+    assert m.a.grad is not None
+
+# ---------------------------------------------------------------- MMT
+@pytest.mark.parametrize('head,orth', [('concat', 'rownorm'), ('orth', 'rownorm'), ('orth', 'orthonormal')])
+def test_mmt_forward_backward(head, orth):
+    torch.manual_seed(0)
+    m = mmt_model('vggsound', head=head, orth=orth, n_classes=7, **TINY)
+    assert isinstance(m, MMT) and isinstance(m, JointModel)
+    xs = (torch.rand(4, 3, 2, 32, 32), torch.randn(4, 1, 32, 16))
+    out = m(xs)
+    fct.test_eq(out.logits.shape, (4, 7)); fct.test_eq([f.shape for f in out.features], [(4, 32), (4, 32)])
+    # JointModel's head contract: h = Σ a ⊙ (W φ) + b, unimodal = W φ
+    fct.test_close(out.logits, sum(a * s for a, s in zip(m.integration, out.unimodal)) + m.bias, eps=1e-5)
+    for s, f, w in zip(out.unimodal, out.features, m.head_weights()): fct.test_close(s, f @ w.t(), eps=1e-5)
+    nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 2, 3])).backward()
+    for p in (m.encoders[0].embed.weight, m.encoders[0].cls, m.encoders[0].pos, m.encoders[1].embed.weight,
+              m.joint[0].self_attn.in_proj_weight, m.out_norm.weight, m.bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # gradients w.r.t. inputs (what the attacks need)
+    xg = tuple(x.clone().requires_grad_() for x in xs)
+    g = torch.autograd.grad(m(xg).logits.sum(), xg)
+    assert all(gi.abs().sum() > 0 for gi in g)
+
+def test_mmt_features_mix_modalities():
+    "φ^(v) depends on the audio input through the joint layers (why the certified bounds do not apply)."
+    torch.manual_seed(0)
+    m = mmt_model('vggsound', n_classes=5, **TINY).eval()
+    v, a = torch.rand(2, 3, 2, 32, 32), torch.randn(2, 1, 32, 16)
+    with torch.no_grad(): f0, f1 = m(v, a).features, m(v, a + 1).features
+    assert (f0[0] - f1[0]).abs().max() > 1e-4
+    m0 = mmt_model('vggsound', n_classes=5, **{**TINY, 'depth_joint': 0}).eval()   # no joint layers: no mixing
+    with torch.no_grad(): g0, g1 = m0(v, a).features, m0(v, a + 1).features
+    fct.test_close(g0[0], g1[0], eps=1e-6)
+
+def test_mmt_ucf_and_three_modalities():
+    torch.manual_seed(0)
+    m = mmt_model('ucf101', **TINY)
+    fct.test_eq(m(torch.rand(2, 3, 2, 32, 32), torch.rand(2, 2, 2, 32, 32)).logits.shape, (2, 101))
+    from crmt_nb.models import TokenStream
+    s = [TokenStream((3, 2, 16, 16), 16, 8, 1, 2), TokenStream((1, 16, 8), 16, 4, 1, 2), TokenStream((1, 8, 8), 16, 4, 0, 2)]
+    m3 = MMT(s, 16, 4, depth_joint=1, heads=2, head='orth')
+    out = m3(torch.rand(2, 3, 2, 16, 16), torch.randn(2, 1, 16, 8), torch.randn(2, 1, 8, 8))
+    fct.test_eq(out.logits.shape, (2, 4)); fct.test_eq(len(out.features), 3)
+
+def test_mmt_bad_input():
+    m = mmt_model('vggsound', n_classes=5, **TINY)
+    fct.test_fail(lambda: m(torch.rand(2, 3, 2, 32, 32), torch.randn(2, 1, 16, 16)), contains='built for inputs (1, 32, 16)')
+    fct.test_fail(lambda: m(torch.rand(2, 3, 32, 32), torch.randn(2, 1, 32, 16)), contains='5-D input')
+    fct.test_fail(lambda: m(torch.rand(2, 3, 2, 32, 32)), contains='2 modalities but got 1')
+
+@pytest.mark.parametrize('builder', [lambda: mmt_model('vggsound', head='orth', n_classes=6, **TINY),
+                                     lambda: paper_model('ks', n_classes=6)])
+def test_determinism_under_seed(builder):
+    "Same seed → same parameters and bit-identical outputs; another seed → different parameters."
+    xs = lambda m: ((torch.rand(2, 3, 2, 32, 32, generator=torch.Generator().manual_seed(5)),
+                     torch.randn(2, 1, 32, 16, generator=torch.Generator().manual_seed(6))))
+    outs, params = [], []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed); m = builder().eval()
+        with torch.no_grad(): outs.append(m(xs(m)).logits)
+        params.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    fct.test_eq(outs[0], outs[1]); fct.test_eq(params[0], params[1])
+    assert not torch.equal(params[0], params[2])
+
+# ---------------------------------------------------------------- orth head constraints survive training
+@pytest.mark.parametrize('orth', ['rownorm', 'orthonormal'])
+@pytest.mark.parametrize('M', [2, 3])
+def test_orth_constraints_after_optimizer_steps(orth, M):
+    torch.manual_seed(0)
+    K = 31
+    m = joint_model([(40,)] * M, K, head='orth', orth=orth, d_feat=64)
+    before = [w.detach().clone() for w in m.head_weights()]
+    opt = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        xs = tuple(torch.randn(32, 40, generator=g) for _ in range(M)); y = torch.randint(0, K, (32,), generator=g)
+        opt.zero_grad(); nn.functional.cross_entropy(m(xs).logits, y).backward(); opt.step()
+    for w, w0 in zip(m.head_weights(), before):
+        w = w.detach()
+        assert (w - w0).abs().max() > 1e-3, 'head weights did not move: no gradient through the parametrisation'
+        fct.test_close(w.norm(dim=1), torch.ones(K), eps=1e-5)
+        if orth == 'orthonormal': fct.test_close(w @ w.t(), torch.eye(K), eps=1e-5)
+        else:
+            fct.test_close(w.mean(1), torch.zeros(K), eps=1e-6)
+            assert (w @ w.t() - torch.eye(K)).abs().max() > 1e-3       # rownorm rows are NOT mutually orthogonal
+    assert (m.integration.detach() - 0.1).abs().max() > 0              # a^(m) is trained too
+
+def test_rownorm_closed_form():
+    w = torch.randn(5, 9, dtype=torch.float64)
+    c = w - w.mean(1, keepdim=True)
+    fct.test_close(rownorm(w), c / c.norm(dim=1, keepdim=True), eps=1e-12)
