@@ -198,17 +198,18 @@ def augment_frames(frames: Sequence[torch.Tensor], train: bool, size: int = 224,
     out = [one(x, p0 if clip_consistent else draw(x)) for x in frames]
     return torch.stack(out, 1).float().div_(255)
 
-# %% ../nbs/01b_paper_data.ipynb #bef998c7
+# %% ../nbs/01b_paper_data.ipynb #7f0aedad
 class ClipDataset(Dataset):
     "Clips of one split list of a paper dataset; items `((x_visual, x_audio|x_flow), label)`."
     def __init__(self, name: str, root: str | Path, entries: Sequence[tuple[str, int]], train: bool = False,
                  on_error: str = 'raise', clip_consistent: bool = False, official: bool = False, size: int = 224,
-                 check: str = 'files', generator: torch.Generator | None = None):
+                 check: str = 'files', generator: torch.Generator | None = None, n_classes: int | None = None):
         if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if check not in ('files', 'full'): raise ValueError(f"check must be 'files' or 'full', got {check!r}")
         s = _spec(name)
         if s.name == 'cifar10': raise ValueError('cifar10 is not a clip dataset: use cifar10_splits')
         self.spec, self.root, self.train, self.on_error = s, Path(root), train, on_error
+        self._k = n_classes or s.n_classes
         self.clip_consistent, self.official, self.size, self.generator = clip_consistent, official, size, generator
         self.names = s.modalities
         self.boxes = ((0.0, 1.0), None) if s.modalities[1] == 'audio' else ((0.0, 1.0), (0.0, 1.0))
@@ -248,7 +249,7 @@ class ClipDataset(Dataset):
 
     def __len__(self): return len(self.ids)
     @property
-    def n_classes(self): return self.spec.n_classes
+    def n_classes(self): return self._k
     @property
     def shapes(self):
         s = self.size
@@ -333,20 +334,21 @@ def make_fixture(root: str | Path, name: str = 'ks', n_clips: int = 4, n_frames:
         (d / 'lists' / f'{split}.txt').write_text(''.join(f'{c} {i % K}\n' for i, c in enumerate(part)))
     return d
 
-# %% ../nbs/01b_paper_data.ipynb #7aec911e
+# %% ../nbs/01b_paper_data.ipynb #69d1401c
 def clip_splits(name: str, data_root, val: str = 'holdout', val_fraction: float = 0.1, seed: int = 0,
                 on_error: str = 'raise', clip_consistent: bool = False, official: bool = False, size: int = 224,
                 check: str = 'files') -> DataSplits:
     "train/valid/test `ClipDataset`s of `name` under `data_root` (see `paper_splits`)."
     s = _spec(name); root = dataset_root(name, data_root)
+    k = len([c for c in (root / 'classes.txt').read_text().splitlines() if c.strip()]) if (root / 'classes.txt').is_file() else s.n_classes
     if val not in ('holdout', 'list', 'test'): raise ValueError(f"val must be 'holdout', 'list' or 'test', got {val!r}")
     lists = {}
     for split in ('train', 'test') + (('val',) if val == 'list' else ()):
         p = root / 'lists' / f'{split}.txt'
         if not p.is_file(): raise missing_data(name, p, 'does not exist')
-        lists[split] = read_list(p, s.n_classes)
+        lists[split] = read_list(p, k)
         if not lists[split]: raise missing_data(name, p, 'lists no clips')
-    kw = dict(on_error=on_error, clip_consistent=clip_consistent, official=official, size=size, check=check)
+    kw = dict(on_error=on_error, clip_consistent=clip_consistent, official=official, size=size, check=check, n_classes=k)
     train = ClipDataset(name, root, lists['train'], train=True, **kw)
     test = ClipDataset(name, root, lists['test'], train=False, **kw)
     if val == 'test': valid = test
