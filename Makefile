@@ -6,7 +6,7 @@ PROFILE ?= mini
 OUT     ?= runs/$(PROFILE)
 STAMP   := $(VENV)/.crmt_nb-installed
 
-.PHONY: install reproduce test lab export clean figures
+.PHONY: install reproduce test lab export readme clean figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 
 # every experiment notebook of the registry, through papermill, with the `mini` profile by default
 reproduce: $(STAMP)
-	$(BIN)/crmt-reproduce --profile $(PROFILE) --out $(OUT)
+	$(BIN)/crmt-reproduce --profile $(PROFILE) --out $(OUT) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 # copy the committed-to-be figures of a mini run into figures/
 figures: $(STAMP)
@@ -32,8 +32,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 export: $(STAMP)
-	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_export
+	$(BIN)/jupyter nbconvert --to markdown --stdout --log-level ERROR nbs/index.ipynb > README.md
+
+# README.md is nbs/index.ipynb rendered (tests/test_00_sync.py checks they agree)
+readme: $(STAMP)
+	$(BIN)/jupyter nbconvert --to markdown --stdout --log-level ERROR nbs/index.ipynb > README.md
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab nbs

@@ -92,7 +92,7 @@ def get_profile(profile: str | Profile) -> Profile:
         raise ValueError(f'unknown profile {profile!r}; choose one of {sorted(PROFILES)}')
     return PROFILES[profile]
 
-# %% ../nbs/00_core.ipynb #5061ddd8
+# %% ../nbs/00_core.ipynb #8b89146c
 def project_root() -> Path:
     "The folder holding `settings.ini` above the working directory (else the working directory)."
     here = Path.cwd().resolve()
@@ -112,7 +112,7 @@ def run_dir(profile: str | Profile = 'mini', out: str | Path | None = None) -> P
 def atomic_path(path: str | Path):
     "Yield a temporary path beside `path`; on success move it onto `path`, on error delete it."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=f'.tmp{path.suffix}', dir=path.parent)
     os.close(fd); tmp = Path(tmp)
     try:
         yield tmp

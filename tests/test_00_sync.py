@@ -35,3 +35,9 @@ def test_notebook_is_clean(nb):
              clean_ids=CFG.get('clean_ids', True) in (True, 'True'))
     assert raw == cleaned, f'{nb.name} is not clean: run `nbdev_clean` and commit it'
     assert raw['metadata'].get('kernelspec', {}).get('language') == 'python', f'{nb.name} needs a python kernelspec (papermill)'
+
+def test_readme_matches_index():
+    "README.md is nbs/index.ipynb rendered to markdown (`make readme`)."
+    md = subprocess.run([str(BIN / 'jupyter'), 'nbconvert', '--to', 'markdown', '--stdout', '--log-level', 'ERROR',
+                         str(CFG.nbs_path / 'index.ipynb')], check=True, capture_output=True, text=True).stdout
+    assert (ROOT / 'README.md').read_text() == md, 'README.md is out of step with nbs/index.ipynb: run `make readme`'
