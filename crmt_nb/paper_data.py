@@ -213,7 +213,7 @@ def augment_frames(frames: Sequence[torch.Tensor], train: bool, size: int = 224,
     out = [one(x, p0 if clip_consistent else draw(x)) for x in frames]
     return torch.stack(out, 1).float().div_(255)
 
-# %% ../nbs/01b_paper_data.ipynb #8fc0512f
+# %% ../nbs/01b_paper_data.ipynb #3696b3cf
 class ClipDataset(Dataset):
     "Clips of one split list of a paper dataset; items `((x_visual, x_audio|x_flow), label)`."
     def __init__(self, name: str, root: str | Path, entries: Sequence[tuple[str, int]], train: bool = False,
@@ -275,14 +275,13 @@ class ClipDataset(Dataset):
 
     def load(self, i: int):
         "Item `i` or a `ClipError` naming its clip."
-        cid, g = self.ids[i], self.generator
-        n_rgb = min(self.n_rgb[i], 6) if (self.official and self.names[1] == 'flow') else self.n_rgb[i]
-        ts = select_frames(n_rgb, self.train, g, official=self.official)
+        cid, g, ucf = self.ids[i], self.generator, self.names[1] == 'flow'
+        if ucf: ts = select_frames(min(self.n_rgb[i], 6) if self.official else self.n_rgb[i], self.train, g)
+        else: ts = select_frames(self.n_rgb[i], self.train, g, official=self.official)
         rgb = [read_jpeg(self.root / 'frames' / cid / frame_name(t), cid) for t in ts]
-        ucf = self.names[1] == 'flow'
         xv = augment_frames(rgb, self.train, self.size, crop=not ucf, clip_consistent=self.clip_consistent, generator=g)
         if not ucf: return (xv, load_spectrogram(self.root / 'audio' / f'{cid}.npy', cid)), self.labels[i]
-        tf = select_frames(self.n_flow[i], self.train, g, official=self.official)
+        tf = select_frames(self.n_flow[i], self.train, g)
         fl = [torch.cat([read_jpeg(self.root / 'flow' / cid / c / frame_name(t), cid, grey=True) for c in 'uv'])
               for t in tf]
         xf = augment_frames(fl, self.train, self.size, crop=False, clip_consistent=self.clip_consistent, generator=g,
@@ -315,6 +314,9 @@ class ClipDataset(Dataset):
     def loader(self, batch_size: int = 64, shuffle: bool = False, generator: torch.Generator | None = None,
                drop_last: bool = False, pin_memory: bool = False, num_workers: int = 0) -> DataLoader:
         "A `DataLoader` with the default collate; `shuffle` draws from `generator`."
+        if num_workers > 0 and getattr(self, 'generator', None) is not None:
+            raise ValueError('a dataset generator would be copied into every worker (identical augmentations): '
+                             'build the dataset without `generator` and seed the DataLoader (its `generator`) instead')
         return DataLoader(self, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
                           pin_memory=pin_memory, num_workers=num_workers, persistent_workers=num_workers > 0)
     def __repr__(self):

@@ -394,3 +394,14 @@ def test_python_m_entry_point():
     r = subprocess.run([sys.executable, '-m', 'crmt_nb.prep', 'check', '--dataset', 'ks', '--root', '/nonexistent'],
                        capture_output=True, text=True)
     assert r.returncode == 2 and 'python -m crmt_nb.prep frames' in r.stderr
+
+def test_ucf_official_reads_rgb_among_first_six(tmp_path, monkeypatch):
+    make_fixture(tmp_path, 'ucf101', n_clips=2, n_frames=30, n_classes=2, hw=(8, 8))
+    seen = []
+    real = pd_.read_jpeg
+    monkeypatch.setattr(pd_, 'read_jpeg', lambda p, cid, grey=False: (seen.append((Path(p).parent.name, Path(p).name)), real(p, cid, grey))[1])
+    for official, rgb in ((True, ['000001.jpg', '000003.jpg', '000005.jpg']), (False, ['000005.jpg', '000015.jpg', '000025.jpg'])):
+        seen.clear()
+        paper_splits('ucf101', tmp_path, val='test', official=official, size=16).test[0]
+        fct.test_eq([n for d, n in seen if d not in ('u', 'v')], rgb)
+        fct.test_eq([n for d, n in seen if d == 'u'], ['000004.jpg', '000013.jpg', '000022.jpg'])   # 29 flow frames: seg 9, i·9 + 4
