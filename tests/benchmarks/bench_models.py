@@ -1,5 +1,5 @@
 """Orth head forward+backward (fuse from features, M=2, K=31, d=512, batch 64): rownorm closed form vs
-orthonormal (cayley parametrisation) vs an SVD-loop reference of the authors' OWNNorm with one row per group,
+orthonormal (QR parametrisation, QRRows) vs an SVD-loop reference of the authors' OWNNorm with one row per group,
 and a candidate polar parametrisation (W W^T)^(-1/2) W for the orthonormal head.
 Run: .venv/bin/python tests/benchmarks/bench_models.py   (medians; timings on a shared CPU are noisy)"""
 import statistics, time, torch
@@ -47,7 +47,7 @@ enc = [torch.nn.Identity(), torch.nn.Identity()]
 torch.manual_seed(0)
 models = {'concat': JointModel(enc, [d, d], K),
           'rownorm': JointModel(enc, [d, d], K, head='orth', orth='rownorm'),
-          'orthonormal (cayley)': JointModel(enc, [d, d], K, head='orth', orth='orthonormal'),
+          'orthonormal (QR)': JointModel(enc, [d, d], K, head='orth', orth='orthonormal'),
           'svd-loop reference': SVDLoopHead(enc, [d, d], K, head='orth', orth='rownorm')}
 polar = JointModel(enc, [d, d], K, head='orth', orth='rownorm'); polar.orth = 'orthonormal'
 for lin in polar.fcs: torch.nn.utils.parametrize.register_parametrization(lin, 'weight', Polar())
