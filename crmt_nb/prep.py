@@ -107,7 +107,7 @@ def prep_frames(videos: str | Path, root: str | Path, fps: float = 1.0, workers:
     jobs = {cid: (lambda p=p, cid=cid: extract_frames(p, root / 'frames' / cid, fps)) for cid, p in clips.items()}
     return run_clips('frames', jobs, root, workers, progress)
 
-# %% ../nbs/01c_prep.ipynb #9cab93ac
+# %% ../nbs/01c_prep.ipynb #376eb135
 def mel_scale(f): return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
 
 def mel_banks(n_mels: int, n_fft: int, sr: float, low_freq: float = 20.0, high_freq: float = 0.0) -> torch.Tensor:
@@ -142,7 +142,7 @@ def kaldi_fbank(waveform: torch.Tensor, sr: float, n_mels: int = N_MELS, frame_l
     mel = power @ mel_banks(n_mels, n_fft, sr, low_freq, high_freq).T
     return mel.clamp_min(torch.finfo(torch.float32).eps).log()
 
-def spectrogram(waveform: torch.Tensor, sr: float, n_frames: int = AUDIO_FRAMES, official_norm: bool = True) -> np.ndarray:
+def spectrogram(waveform: torch.Tensor, sr: float, n_frames: int = AUDIO_FRAMES) -> np.ndarray:
     "The authors' audio input: fbank of `waveform − mean`, zero-padded/trimmed to `n_frames`, normalised; float32 (n_frames, 128)."
     x = torch.as_tensor(waveform, dtype=torch.float32)
     fb = kaldi_fbank(x - x.mean(), sr)
