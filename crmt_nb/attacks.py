@@ -12,7 +12,7 @@ from .models import logits_of
 # %% auto #0
 __all__ = ['attack_loss', 'fgm', 'pgd_l2', 'drop_modality', 'pgd_linf', 'square_p', 'square_linf', 'robust_accuracy']
 
-# %% ../nbs/05_attacks.ipynb #94168a88
+# %% ../nbs/05_attacks.ipynb #cd41c948
 _TINY = 1e-12    # floor of every norm we divide by: a zero gradient gives a zero step, never 0/0 = NaN
 
 def _pack(xs) -> tuple[tuple, bool]:
@@ -81,6 +81,11 @@ def _sqnorm(t: torch.Tensor) -> torch.Tensor:
     "Per-sample squared l2 norm over all non-batch dims, (B,)."
     return t.reshape(t.shape[0], -1).square().sum(1)
 
+def _jnorm(ts) -> torch.Tensor:
+    "Per-sample l2 norm of the concatenation of `ts` (the joint norm), (B,)."
+    if len(ts) == 1: return torch.linalg.vector_norm(ts[0].reshape(ts[0].shape[0], -1), dim=1)
+    return torch.stack([_sqnorm(t) for t in ts]).sum(0).sqrt()
+
 def _bv(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     "View a (B,) tensor so that it broadcasts against `t` of any rank."
     return v.view(-1, *[1] * (t.dim() - 1))
@@ -132,21 +137,20 @@ def _alphas(alpha, joint: bool, e, steps: int, M: int):
     if len(a) != M: raise ValueError(f'per-modality alpha needs one step size per modality, got {len(a)} for {M}')
     return a
 
-# %% ../nbs/05_attacks.ipynb #de341aca
+# %% ../nbs/05_attacks.ipynb #a4a08b5d
 def _ascend(xa, x0, g, alpha, joint: bool):
     "δ + α·g/‖g‖ (joint or per-modality normalisation), as a list of perturbations."
     if joint:
-        n = torch.stack([_sqnorm(t) for t in g]).sum(0).sqrt().clamp_min(_TINY)
-        return [a - x + alpha * t / _bv(n, t) for a, x, t in zip(xa, x0, g)]
-    return [a - x + al * t / _bv(_sqnorm(t).sqrt().clamp_min(_TINY), t) for a, x, t, al in zip(xa, x0, g, alpha)]
+        n = alpha / _jnorm(g).clamp_min(_TINY)
+        return [(a - x).add_(t * _bv(n, t)) for a, x, t in zip(xa, x0, g)]
+    return [(a - x).add_(t * _bv(al / _jnorm([t]).clamp_min(_TINY), t)) for a, x, t, al in zip(xa, x0, g, alpha)]
 
 def _project_l2(d, e, joint: bool):
     "δ·min(1, ε/‖δ‖) onto the joint ball (float ε) or each modality's ball (list of ε_m)."
     if joint:
-        n = torch.stack([_sqnorm(t) for t in d]).sum(0).sqrt()
-        f = (e / n.clamp_min(_TINY)).clamp(max=1.0)
-        return [t * _bv(f, t) for t in d]
-    return [t * _bv((em / _sqnorm(t).sqrt().clamp_min(_TINY)).clamp(max=1.0), t) for t, em in zip(d, e)]
+        f = (e / _jnorm(d).clamp_min(_TINY)).clamp(max=1.0)
+        return [t.mul_(_bv(f, t)) for t in d]
+    return [t.mul_(_bv((em / _jnorm([t]).clamp_min(_TINY)).clamp(max=1.0), t)) for t, em in zip(d, e)]
 
 def _l2_start(x0, e, joint: bool, generator):
     "A uniform draw from the ball (joint or per modality): direction ~ N(0, I), radius ε·U^{1/D}."

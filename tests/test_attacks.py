@@ -73,10 +73,10 @@ def test_per_modality_is_not_joint():
     torch.manual_seed(0)
     model = AnyRank([(6,), (7,)])
     xs = (torch.randn(32, 6), torch.randn(32, 7)); y = torch.randint(0, 4, (32,))
-    adv = pgd_l2(model, xs, y, [0.5, 0.5], steps=8, alpha=0.25)
-    n = norms(adv, xs)
-    fct.test_close(n, torch.full_like(n, 0.5), eps=1e-4)        # unboxed, nonzero gradient: both on their spheres
-    assert n.square().sum(0).sqrt().min() > 0.7
+    for adv in (pgd_l2(model, xs, y, [0.5, 0.3], steps=1, alpha=[0.5, 0.3]), fgm(model, xs, y, [0.5, 0.3])):
+        n = norms(adv, xs)                                        # each gradient normalised on its own: one step
+        fct.test_close(n[0], torch.full_like(n[0], 0.5), eps=1e-5)   # of α_m lands on each sphere (unboxed)
+        fct.test_close(n[1], torch.full_like(n[1], 0.3), eps=1e-5)
 
 def test_tensor_boxes_and_one_sided():
     torch.manual_seed(1)
@@ -281,7 +281,7 @@ def mnist_model():
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     x, y = s.train.xs[0], s.train.y
     g = torch.Generator().manual_seed(0)
-    for _ in range(4):
+    for _ in range(3):
         for idx in torch.randperm(len(y), generator=g).split(128):
             opt.zero_grad(); F.cross_entropy(net(x[idx]), y[idx]).backward(); opt.step()
     net.eval()
@@ -315,12 +315,12 @@ def test_pgd_linf_ball_box_and_strength(mnist_model):
 
 def test_square_ball_box_strength(mnist_model):
     net, x, y = mnist_model
-    x, y = x[:100], y[:100]
-    adv = square_linf(net, x, y, 0.2, n_queries=300, boxes=(0, 1), generator=torch.Generator().manual_seed(0))
+    x, y = x[:64], y[:64]
+    adv = square_linf(net, x, y, 0.2, n_queries=200, boxes=(0, 1), generator=torch.Generator().manual_seed(0))
     assert (adv - x).abs().max() <= 0.2 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     clean, rob = robust_accuracy(net, x, y), robust_accuracy(net, adv, y)
     assert rob < clean - 0.2, (clean, rob)
     with torch.no_grad(): wrong = net(x).argmax(1) != y
     assert torch.equal(adv[wrong], x[wrong])                              # misclassified inputs are not touched
-    more = square_linf(net, x, y, 0.2, n_queries=600, boxes=(0, 1), generator=torch.Generator().manual_seed(0))
+    more = square_linf(net, x, y, 0.2, n_queries=400, boxes=(0, 1), generator=torch.Generator().manual_seed(0))
     assert robust_accuracy(net, more, y) <= rob + 0.02                    # more queries never much worse
