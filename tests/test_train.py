@@ -1,0 +1,119 @@
+"""The training loop: determinism, exact resume, NaN guard, selection, checkpoints, config, model cache."""
+import pytest, torch
+import fastcore.test as fct
+from crmt_nb.core import seed_everything, load_torch
+from crmt_nb.data import mfeat
+from crmt_nb.train import (fit, loaders, train_config, train_model, get_or_train, accuracy, Method, make_optimizer,
+                           make_scheduler)
+from crmt_nb.methods import METHODS, build_model
+
+D = mfeat(('pix', 'fou'))
+
+
+def small_cfg(method, **kw):
+    return train_config('smoke', method, **{'epochs': 2, 'max_train': 128, 'lr': 3e-3, **kw})
+
+
+def weights(model):
+    return torch.cat([v.detach().flatten().float() for v in model.state_dict().values()])
+
+
+@pytest.mark.parametrize('name', ['Mixup', 'OGM'])
+def test_same_seed_same_weights(name):
+    a = train_model(D, small_cfg(name), seed=3, device='cpu', progress=False)
+    b = train_model(D, small_cfg(name), seed=3, device='cpu', progress=False)
+    c = train_model(D, small_cfg(name), seed=4, device='cpu', progress=False)
+    fct.test_eq(weights(a.model), weights(b.model))
+    assert not torch.equal(weights(a.model), weights(c.model))
+
+
+class Interrupt(Exception): pass
+
+
+def _run(name, ckpt, stop_at=None, **opts):
+    "Train `name` for 3 (+2 step-2) epochs; optionally raise at the start of (stage, epoch) = stop_at."
+    cfg = small_cfg(name, epochs=3, step2_epochs=2, **opts) if name.startswith('CRMT') else small_cfg(name, epochs=3, **opts)
+    g = seed_everything(0)
+    method = METHODS[name](**cfg['options'])
+    model = build_model(method, D.shapes, 10)
+    tr, va, _ = loaders(D, 64, g, 'cpu', max_train=128, max_eval=64)
+    stages = [method] + ([method.next_stage()] if method.next_stage() else [])
+    if stop_at is not None:
+        st = stages[stop_at[0]]; orig = st.on_epoch_start
+        def hook(ctx, st=st, orig=orig):
+            if (ctx.stage, ctx.epoch) == stop_at and not getattr(st, '_stopped', False):
+                st._stopped = True; raise Interrupt()
+            return orig(ctx)
+        st.on_epoch_start = hook
+    opt = make_optimizer(cfg, model.parameters())
+    return model, fit(model, method, tr, va, epochs=3, optimizer=opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 1, 0.5),
+                      ckpt_dir=ckpt, resume=True, seed=0, progress=False)
+
+
+@pytest.mark.parametrize('name,stop_at', [('Mixup', (0, 2)), ('CRMT-Mix', (1, 1))])
+def test_resume_equals_uninterrupted(tmp_path, name, stop_at):
+    m_full, h_full = _run(name, tmp_path / 'full')
+    with pytest.raises(Interrupt): _run(name, tmp_path / 'cut', stop_at)
+    ck = load_torch(tmp_path / 'cut' / 'last.pt')            # weights_only=True load of a real checkpoint
+    fct.test_eq((ck['stage'], ck['epoch']), stop_at)
+    # a fresh process would build a fresh model (other init) and resume from the checkpoint
+    torch.manual_seed(123)
+    m_res, h_res = _run(name, tmp_path / 'cut')
+    fct.test_eq(weights(m_res), weights(m_full))
+    cols = ['stage', 'epoch', 'loss', 'acc', 'valid_acc', 'selected']
+    fct.test_eq(h_res[cols].values.tolist(), h_full[cols].values.tolist())
+
+
+def test_nan_guard_names_epoch_and_batch():
+    g = seed_everything(0)
+    tr, _, _ = loaders(D, 32, g, 'cpu', max_train=128)
+    batches = [((xs[0], xs[1] * (float('inf') if b == 2 else 1.0)), y) for b, (xs, y) in enumerate(tr)]
+    model = build_model(Method(), D.shapes, 10)
+    fit(model, Method(), batches[:2], epochs=1, optimizer=torch.optim.SGD(model.parameters(), 1e-3), select_on='last', progress=False)
+    with pytest.raises(FloatingPointError, match=r'epoch 1, batch 2'):
+        fit(model, Method(), batches, epochs=1, optimizer=torch.optim.SGD(model.parameters(), 1e-3), select_on='last', progress=False)
+
+
+def test_selection_on_valid_and_options():
+    g = seed_everything(0)
+    tr, va, te = loaders(D, 64, g, 'cpu', max_train=128, max_eval=100)
+    model = build_model(Method(), D.shapes, 10)
+    h = fit(model, Method(), tr, va, epochs=4, optimizer=torch.optim.SGD(model.parameters(), 0.2, momentum=0.9),
+            test_dl=te, progress=False)
+    best = h.loc[h.valid_acc.idxmax()]
+    assert bool(best.selected) and h.selected.sum() == 1
+    fct.test_close(accuracy(model, va), best.valid_acc, eps=1e-9)      # the model holds the selected weights
+    fct.test_close(accuracy(model, te), best.test_acc, eps=1e-9)
+    fct.test_fail(lambda: fit(model, Method(), tr, None, epochs=1, optimizer=torch.optim.SGD(model.parameters(), 0)), contains="needs valid_dl")
+    fct.test_fail(lambda: fit(model, Method(), tr, va, epochs=1, select_on='test', optimizer=torch.optim.SGD(model.parameters(), 0)), contains='needs test_dl')
+    fct.test_fail(lambda: fit(model, Method(), tr, va, epochs=1, select_on='best', optimizer=torch.optim.SGD(model.parameters(), 0)), contains="'valid', 'test' or 'last'")
+
+
+def test_train_config_paper_values():
+    c = train_config('paper', 'CRMT-JT')
+    fct.test_eq({k: c[k] for k in ('optimizer', 'lr', 'momentum', 'weight_decay', 'epochs', 'lr_step', 'lr_gamma', 'batch_size')},
+                dict(optimizer='sgd', lr=1e-3, momentum=0.9, weight_decay=1e-4, epochs=140, lr_step=60, lr_gamma=0.1, batch_size=64))
+    m = METHODS['CRMT-JT'](**c['options'])
+    fct.test_eq((m.rho, m.next_stage().epochs), (2.0, 45))
+    s2 = METHODS['CRMT-JT'](**{**c['options'], 'official': True}).next_stage()
+    fct.test_close(s2.lr, 3e-5, eps=1e-12)
+    fct.test_eq((s2.weight_decay, s2.momentum, s2.train_bn, s2.recreate_optimizer), (1e-2, 0.9, True, True))
+    opt = make_optimizer(c, build_model(m, D.shapes, 10).parameters())
+    assert isinstance(opt, torch.optim.SGD) and isinstance(make_scheduler(c, opt), torch.optim.lr_scheduler.StepLR)
+    # an override of an option and of the epochs; unknown names fail
+    fct.test_eq(train_config('mini', 'OGM', alpha=0.8)['options']['alpha'], 0.8)
+    fct.test_eq(train_config('mini', 'OGM', epochs=14)['options']['window'], (0, 5))
+    fct.test_fail(lambda: train_config('mini', 'XYZ'), contains='unknown method')
+
+
+def test_get_or_train_caches(tmp_path):
+    cfg = small_cfg('MSEFM', epochs=1, ista_iters=20)
+    t1 = get_or_train(D, 'MSEFM', cfg, seed=0, profile='smoke', device='cpu', root=tmp_path, progress=False)
+    files = sorted(p.name for p in (tmp_path / 'models').rglob('*.pt'))
+    t2 = get_or_train(D, 'MSEFM', cfg, seed=0, profile='smoke', device='cpu', root=tmp_path, progress=False)
+    fct.test_eq(weights(t1.model), weights(t2.model))
+    assert t2.method.dicts is not None                        # the method's learned state is cached too
+    xs, y = D.test[torch.arange(50)]
+    with torch.no_grad(): fct.test_eq(t1.predictor(xs), t2.predictor(xs))
+    fct.test_eq(sorted(p.name for p in (tmp_path / 'models').rglob('*.pt')), files)
+    fct.test_fail(lambda: get_or_train(D, 'JT', cfg, root=tmp_path), contains="config is for method 'MSEFM'")
