@@ -1,7 +1,7 @@
 """The training loop: determinism, exact resume, NaN guard, selection, checkpoints, config, model cache."""
 import pytest, torch
 import fastcore.test as fct
-from crmt_nb.core import seed_everything, load_torch
+from crmt_nb.core import seed_everything, load_torch, content_hash
 from crmt_nb.data import mfeat
 from crmt_nb.train import (fit, loaders, train_config, train_model, get_or_train, accuracy, Method, make_optimizer,
                            make_scheduler)
@@ -104,6 +104,7 @@ def test_train_config_paper_values():
     fct.test_eq(train_config('mini', 'OGM', alpha=0.8)['options']['alpha'], 0.8)
     fct.test_eq(train_config('mini', 'OGM', epochs=14)['options']['window'], (0, 5))
     fct.test_fail(lambda: train_config('mini', 'XYZ'), contains='unknown method')
+    fct.test_fail(lambda: train_config('mini', 'OGM', alpah=0.1), contains="has no option 'alpah'")
 
 
 def test_get_or_train_caches(tmp_path):
@@ -116,4 +117,5 @@ def test_get_or_train_caches(tmp_path):
     xs, y = D.test[torch.arange(50)]
     with torch.no_grad(): fct.test_eq(t1.predictor(xs), t2.predictor(xs))
     fct.test_eq(sorted(p.name for p in (tmp_path / 'models').rglob('*.pt')), files)
+    fct.test_eq(files, [f'{content_hash(cfg)}-seed0.pt'])        # the resumable training checkpoints were removed
     fct.test_fail(lambda: get_or_train(D, 'JT', cfg, root=tmp_path), contains="config is for method 'MSEFM'")
