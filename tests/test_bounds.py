@@ -180,6 +180,43 @@ def test_certified_radius_sound_against_pgd():
     assert n_models >= 20 and n_cert >= 20 * 16
 
 
+def _orth_relu_model(M, K, head, orth, g, d=6):
+    "ReLU encoders from scaled orthogonal layers with positive biases: locally linear, and the bound is nearly exact."
+    encs = []
+    for _ in range(M):
+        layers, shift = [], torch.zeros(d)
+        for _ in range(2):                                    # pre-activations = (product of layers) x + 20 > 0
+            lin = nn.Linear(d, d)
+            with torch.no_grad():
+                q = torch.linalg.qr(torch.randn(d, d, generator=g)).Q * (0.5 + 1.5 * torch.rand(1, generator=g))
+                lin.weight.copy_(q); lin.bias.copy_(20.0 - q @ shift); shift = torch.full((d,), 20.0)
+            layers += [lin, nn.ReLU()]
+        encs.append(nn.Sequential(*layers))
+    m = JointModel(encs, [d] * M, K, head=head, orth=orth)
+    with torch.no_grad():
+        if head == 'orth': m.a.copy_(torch.randn(m.a.shape, generator=g))
+        m.bias.zero_(); m.bias.copy_(-m(tuple(torch.zeros(1, d) for _ in range(M))).logits[0])   # logits(0) = 0
+    return m.eval()
+
+
+@pytest.mark.parametrize('head,orth', HEADS)
+def test_certified_radius_nearly_tight(head, orth):
+    "On locally linear models the certificate is nearly exact: PGD at 0.99 r never flips, PGD at 1.05 r mostly does."
+    g = torch.Generator().manual_seed(77)
+    for M in (2, 3):
+        m = _orth_relu_model(M, 4, head, orth, g)
+        xs = tuple(torch.randn(24, 6, generator=g) * 0.5 for _ in range(M))
+        y = m(xs).logits.argmax(1)
+        L = [lipschitz_upper(e, (6,)) for e in m.encoders]
+        r = certified_radius(m, xs, y, L, tight=True)
+        assert (r >= certified_radius(m, xs, y, L) - 1e-6).all()          # tight form ≥ the Thm 3.5 form
+        assert not _pgd_flips(m, xs, y, 0.99 * r, steps=50, restarts=2, g=g).any()
+        assert _pgd_flips(m, xs, y, 1.05 * r, steps=50, restarts=2, g=g).float().mean() >= 0.5
+        ru = unimodal_certified_radius(m, xs, y, L, 1, tight=True)
+        assert not _pgd_flips(m, xs, y, 0.99 * ru, steps=50, restarts=1, modalities=[1], g=g).any()
+        assert _pgd_flips(m, xs, y, 1.05 * ru, steps=50, restarts=1, modalities=[1], g=g).float().mean() >= 0.5
+
+
 # ---------------------------------------------------------------- vulnerability / radius plumbing
 def test_vulnerability_forms():
     g = torch.Generator().manual_seed(5)
