@@ -49,7 +49,7 @@ def seed_everything(seed: int) -> torch.Generator:
     g = torch.Generator(); g.manual_seed(seed)
     return g
 
-# %% ../nbs/00_core.ipynb #d6709fc9
+# %% ../nbs/00_core.ipynb #1f6d66d5
 FIG1_RADII = (0.1, 0.4, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ PROFILES: dict[str, Profile] = {
     'smoke': Profile('smoke', 'builtin', epochs=2, step2_epochs=1, batch_size=64, optimizer='adam', lr=1e-3,
                      weight_decay=1e-4, lr_step=None, max_train=256, max_eval=128, seeds=(0,),
                      radii=(0.5, 2.0), description='seconds per notebook: CI and the notebook tests'),
-    'mini': Profile('mini', 'builtin', epochs=20, step2_epochs=5, batch_size=64, optimizer='adam', lr=1e-3,
+    'mini': Profile('mini', 'builtin', epochs=20, step2_epochs=5, batch_size=64, optimizer='adam', lr=3e-3,
                     weight_decay=1e-4, lr_step=None, max_train=None, max_eval=None, seeds=(0, 1, 2),
                     description='built-in real data on a laptop CPU: the whole reproduction in about 15 minutes'),
     'paper': Profile('paper', 'paper', epochs=140, step2_epochs=45, batch_size=64, optimizer='sgd', lr=1e-3,

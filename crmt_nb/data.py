@@ -117,7 +117,7 @@ def split_arrays(name, xs, y, names, boxes, fractions, seed, standardize) -> Dat
             for p in parts: p[m] = st(p[m])
     return DataSplits(name, *(MultiModalDataset(p, y[i], names, boxes) for p, i in zip(parts, idx)))
 
-# %% ../nbs/01_data.ipynb #a84c3bc5
+# %% ../nbs/01_data.ipynb #6ecb3c2d
 MFEAT_VIEWS = {'fou': 76, 'fac': 216, 'kar': 64, 'pix': 240, 'zer': 47, 'mor': 6}
 
 def mfeat(views: Sequence[str] = ('pix', 'fou'), pix_image: bool = True, fractions=(0.7, 0.1, 0.2),
@@ -136,7 +136,8 @@ def mfeat(views: Sequence[str] = ('pix', 'fou'), pix_image: bool = True, fractio
             xs.append((x / 6.0).reshape(-1, 1, 16, 15)); boxes.append((0.0, 1.0)); std.append(False)
         else:
             xs.append(x); boxes.append(None); std.append(True)
-    return split_arrays('mfeat ' + '+'.join(views), xs, d['y'], views, boxes, fractions, seed, std)
+    name = 'mfeat ' + '+'.join(views) + (' (pix vector)' if 'pix' in views and not pix_image else '')
+    return split_arrays(name, xs, d['y'], views, boxes, fractions, seed, std)
 
 # %% ../nbs/01_data.ipynb #4377ad60
 def mnist5k(fractions=(0.7, 0.1, 0.2), seed: int = 0) -> DataSplits:

@@ -277,7 +277,7 @@ def make_scheduler(cfg: dict, opt):
     "StepLR(lr_step, lr_gamma), or None for a constant learning rate."
     return torch.optim.lr_scheduler.StepLR(opt, cfg['lr_step'], cfg['lr_gamma']) if cfg.get('lr_step') else None
 
-# %% ../nbs/06_train.ipynb #28a82653
+# %% ../nbs/06_train.ipynb #c822ffb2
 _DATASETS = {}
 
 def load_dataset(name: str):
@@ -334,12 +334,13 @@ def get_or_train(dataset, method: str, config: dict | None = None, seed: int = 0
     cfg = config if config is not None else train_config(profile, method)
     if cfg['method'] != method: raise ValueError(f"config is for method {cfg['method']!r}, not {method!r}")
     cache = ModelCache(run_dir(profile, root) / 'models')
-    path = cache.path(splits.name, method, cfg, seed)
+    key = {**cfg, 'data': {'shapes': splits.shapes, 'n_classes': splits.n_classes, 'sizes': (len(splits.train), len(splits.valid))}}
+    path = cache.path(splits.name, method, key, seed)
     def train():
         t = train_model(splits, cfg, seed, device, ckpt_dir=path.with_suffix('.ckpt'), progress=progress)
         return {'model': t.model.state_dict(), 'method': t.method.state_dict(),
                 'history': t.history.to_dict('list'), 'config': cfg}
-    ck = cache.get_or_train(splits.name, method, cfg, seed, train)
+    ck = cache.get_or_train(splits.name, method, key, seed, train)   # the key includes the input shapes
     if path.exists() and path.with_suffix('.ckpt').exists(): shutil.rmtree(path.with_suffix('.ckpt'), ignore_errors=True)
     model, m = build(cfg, splits)
     m.bind_data(splits); model.load_state_dict(ck['model']); m.load_state_dict(ck['method'])
