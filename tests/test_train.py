@@ -117,5 +117,6 @@ def test_get_or_train_caches(tmp_path):
     xs, y = D.test[torch.arange(50)]
     with torch.no_grad(): fct.test_eq(t1.predictor(xs), t2.predictor(xs))
     fct.test_eq(sorted(p.name for p in (tmp_path / 'models').rglob('*.pt')), files)
-    fct.test_eq(files, [f'{content_hash(cfg)}-seed0.pt'])        # the resumable training checkpoints were removed
+    key = {**cfg, 'data': {'shapes': D.shapes, 'n_classes': D.n_classes, 'sizes': (len(D.train), len(D.valid))}}
+    fct.test_eq(files, [f'{content_hash(key)}-seed0.pt'])        # the resumable training checkpoints were removed
     fct.test_fail(lambda: get_or_train(D, 'JT', cfg, root=tmp_path), contains="config is for method 'MSEFM'")
