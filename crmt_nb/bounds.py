@@ -297,7 +297,7 @@ def lipschitz_upper(encoder: nn.Module, input_shape: Sequence[int]) -> float:
     finally:
         for m, t in modes.items(): m.training = t
 
-# %% ../nbs/03_bounds.ipynb #ed6be197
+# %% ../nbs/03_bounds.ipynb #f267aa08
 def _iter_batches(data):
     for batch in data:
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], (tuple, list)):
@@ -335,8 +335,9 @@ def empirical_lipschitz(model, data: Iterable, official: bool = False, pairs: bo
                 gs = torch.autograd.grad(S, xs, grad_outputs=go, is_grads_batched=True, retain_graph=True,
                                          allow_unused=True, materialize_grads=True)
                 for m, g in enumerate(gs):
-                    g = g.flatten(2).double()                                      # (classes, B, D)
+                    g = g.flatten(2)                                               # (classes, B, D)
                     if pairs:
+                        g = g.double()
                         a = model.integration.detach()[m].double()
                         g = g * a[:, None, None]                                   # ∇(a_k s_k)
                         n2 = g.pow(2).sum(-1)                                      # (K, B)
@@ -344,7 +345,7 @@ def empirical_lipschitz(model, data: Iterable, official: bool = False, pairs: bo
                         d2 = (n2.t()[:, :, None] + n2.t()[:, None, :] - 2 * gram).clamp_min(0)
                         best[m] = torch.maximum(best[m], d2.sqrt().amax(0))
                     else:
-                        nrm = g.norm(dim=-1).amax(1)                               # max over the batch
+                        nrm = g.norm(dim=-1).amax(1).double()                      # max over the batch
                         if official and m == 1: nrm = torch.zeros_like(nrm)        # audio grad zeroed before it is read
                         best[m, c0:c0 + step] = torch.maximum(best[m, c0:c0 + step], nrm)
     finally:
