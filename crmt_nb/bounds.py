@@ -165,7 +165,7 @@ def conv_as_matrix(conv: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     out = fn(eye, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     return out.reshape(n, -1).t()
 
-# %% ../nbs/03_bounds.ipynb #8f4ce0a3
+# %% ../nbs/03_bounds.ipynb #0730cfa8
 _ACT = {nn.ReLU: 1., nn.ReLU6: 1., nn.Tanh: 1., nn.Sigmoid: .25, nn.Hardtanh: 1., nn.Softplus: 1.,
         nn.GELU: 1.13, nn.SiLU: 1.1, nn.Identity: 1., nn.Flatten: 1., nn.Dropout: 1., nn.Dropout1d: 1.,
         nn.Dropout2d: 1., nn.Dropout3d: 1., nn.Unflatten: 1.}
@@ -255,9 +255,27 @@ def _resnet_parts(mod):
         return [mod.conv1, mod.bn1, mod.relu, mod.conv2, mod.bn2], mod.downsample, 'block'
     if isinstance(mod, tvr.Bottleneck):
         return [mod.conv1, mod.bn1, mod.relu, mod.conv2, mod.bn2, mod.relu, mod.conv3, mod.bn3], mod.downsample, 'block'
-    if isinstance(mod, tvr.ResNet):
+    if isinstance(mod, tvr.ResNet):                      # subclasses may drop avgpool/fc (a trunk)
+        tail = [nn.Flatten(), mod.fc] if hasattr(mod, 'fc') else []
+        tail = ([mod.avgpool] if hasattr(mod, 'avgpool') else []) + tail
         return [mod.conv1, mod.bn1, mod.relu, mod.maxpool, mod.layer1, mod.layer2, mod.layer3, mod.layer4,
-                mod.avgpool, nn.Flatten(), mod.fc], None, 'net'
+                *tail], None, 'net'
+    return None
+
+def _crmt_encoder(mod, shape):
+    "The paper encoders of `crmt_nb.models` (Normalize, ClipEncoder, SpectrogramEncoder), or None."
+    import crmt_nb.models as cm
+    if isinstance(mod, getattr(cm, 'Normalize', ())):
+        return (1 / mod.std.detach().double().abs()).max().item(), tuple(shape)
+    if isinstance(mod, getattr(cm, 'SpectrogramEncoder', ())):
+        return _seq([mod.norm, mod.trunk, mod.pool, nn.Flatten()], shape)
+    if isinstance(mod, getattr(cm, 'ClipEncoder', ())):
+        # (C,T,H,W): normalise, the trunk on each frame (frames folded into the batch: same constant), 3-D pool
+        C, T, H, W = shape
+        Ln = _lip(mod.norm, shape)[0]
+        Lt, f = _lip(mod.trunk, (C, H, W))
+        Lp = _lip(mod.pool, (f[0], T, *f[1:]))[0]
+        return Ln * Lt * Lp, _out_shape(mod, shape)
     return None
 
 def _lip(mod, shape):
@@ -268,6 +286,8 @@ def _lip(mod, shape):
         raise NotImplementedError(f'lipschitz_upper: {type(mod).__name__} is a transformer/attention module; dot-product '
                                   'self-attention is not globally Lipschitz, so no sound l2 bound is computed for it. '
                                   'Use empirical_lipschitz (an empirical estimate, not a certificate) for transformers.')
+    known = _crmt_encoder(mod, shape)
+    if known is not None: return known
     parts = _resnet_parts(mod)
     if parts is not None:
         branch, skip, kind = parts
