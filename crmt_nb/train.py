@@ -15,7 +15,7 @@ from .core import (get_device, autocast, to_device, seed_everything, get_profile
 from .models import logits_of, MMOutput
 
 # %% auto #0
-__all__ = ['Context', 'Method', 'accuracy', 'loaders', 'loader_generator', 'fit', 'train_config', 'make_optimizer',
+__all__ = ['MODEL_KINDS', 'Context', 'Method', 'accuracy', 'loaders', 'loader_generator', 'fit', 'train_config', 'make_optimizer',
            'make_scheduler', 'load_dataset', 'Predictor', 'Trained', 'build', 'train_model', 'get_or_train']
 
 # %% ../nbs/06_train.ipynb #a917f388
@@ -246,7 +246,9 @@ def _run_epoch(model, m: Method, ctx: Context, train_dl, opt, device, grad_clip)
     return {'lr': opt.param_groups[0]['lr'], 'loss': (tot_loss / max(n, 1)).item(), 'acc': (correct / max(n, 1)).item(),
             'seconds': time.perf_counter() - t0}
 
-# %% ../nbs/06_train.ipynb #67d05026
+# %% ../nbs/06_train.ipynb #c31f3632
+MODEL_KINDS = ('small', 'resnet18')
+
 def train_config(profile: str | Profile = 'mini', method: str = 'JT', **overrides) -> dict:
     "The training configuration of `method` under `profile` (a plain, hashable dict)."
     from crmt_nb.methods import METHODS
@@ -254,7 +256,8 @@ def train_config(profile: str | Profile = 'mini', method: str = 'JT', **override
     if method not in METHODS: raise ValueError(f'unknown method {method!r}; choose one of {list(METHODS)}')
     cfg = dict(method=method, profile=p.name, epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer,
                lr=p.lr, momentum=0.9, weight_decay=p.weight_decay, lr_step=p.lr_step, lr_gamma=0.1,
-               max_train=p.max_train, d_feat=64, select_on='valid', options={})
+               max_train=p.max_train, d_feat=64, model='resnet18' if p.data == 'paper' else 'small',
+               select_on='valid', options={})
     cfg['options'] = dict(METHODS[method].defaults(p, cfg['epochs']))
     opt_keys = {k for k in overrides if k not in cfg}
     for k in opt_keys: cfg['options'][k] = overrides.pop(k)
@@ -265,6 +268,7 @@ def train_config(profile: str | Profile = 'mini', method: str = 'JT', **override
         for k, v in scaled.items():
             if k not in opt_keys: cfg['options'][k] = v
     METHODS[method](**cfg['options'])          # fails early, naming a misspelt option
+    if cfg['model'] not in MODEL_KINDS: raise ValueError(f"model must be one of {MODEL_KINDS}, got {cfg['model']!r}")
     return cfg
 
 def make_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
@@ -277,7 +281,7 @@ def make_scheduler(cfg: dict, opt):
     "StepLR(lr_step, lr_gamma), or None for a constant learning rate."
     return torch.optim.lr_scheduler.StepLR(opt, cfg['lr_step'], cfg['lr_gamma']) if cfg.get('lr_step') else None
 
-# %% ../nbs/06_train.ipynb #c822ffb2
+# %% ../nbs/06_train.ipynb #f89515c3
 _DATASETS = {}
 
 def load_dataset(name: str):
@@ -308,10 +312,11 @@ class Trained:
     def predictor(self) -> Predictor: return Predictor(self.model, self.method).eval()
 
 def build(cfg: dict, splits):
-    "(model, method) for a config: the model's head is the one the method declares."
+    "(model, method) for a config: the model family is `cfg['model']`, its head the one the method declares."
     from crmt_nb.methods import METHODS, build_model
     method = METHODS[cfg['method']](**cfg['options'])
-    return build_model(method, splits.shapes, splits.n_classes, d_feat=cfg['d_feat']), method
+    return build_model(method, splits.shapes, splits.n_classes, d_feat=cfg['d_feat'], model=cfg.get('model', 'small'),
+                       dataset=splits.name), method
 
 def train_model(splits, cfg: dict, seed: int = 0, device='auto', ckpt_dir=None, progress=True, test=False) -> Trained:
     "Train one model from a config, reproducibly from `seed` (resuming from `ckpt_dir` if given)."
