@@ -16,7 +16,7 @@ from .core import get_profile, run_dir, atomic_path, content_hash, project_root,
 __all__ = ['EXPERIMENTS', 'RESULT_COLUMNS', 'Experiment', 'experiments_dir', 'select', 'save_results', 'save_figure',
            'save_summary', 'run_experiment', 'write_report', 'reproduce', 'reproduce_cli']
 
-# %% ../nbs/11_reproduce.ipynb #1f57dfbc
+# %% ../nbs/11_reproduce.ipynb #7e1fc6d7
 @dataclass(frozen=True)
 class Experiment:
     "One parameterised notebook that reproduces one paper item."
@@ -28,6 +28,18 @@ class Experiment:
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment('modality_preference', 'ours', 'fig1-demo',
                'Modality preference: the preferred view is the vulnerable one (CRMT §3, Fig 1, on UCI mfeat)'),
+    Experiment('crmt_table1_table2', 'crmt', 'table1+table2',
+               'CRMT Tables 1 and 2: clean, multi-modal and uni-modal FGM / l2-PGD, missing modality, 10 methods'),
+    Experiment('crmt_fig1_fig4', 'crmt', 'fig1+fig4',
+               'CRMT Figures 1 and 4: accuracy vs uni-modal l2-PGD radius'),
+    Experiment('crmt_fig3_vulnerability', 'crmt', 'fig3',
+               'CRMT Figure 3: the ratio of uni-modal vulnerability indicators per class pair'),
+    Experiment('crmt_fig5_ablation', 'crmt', 'fig5',
+               'CRMT Figure 5: ablation of the two CRMT steps (JT, OJT, CRMT-step1, CRMT-step2, CRMT-JT)'),
+    Experiment('crmt_certified_vs_empirical', 'ours', 'certificates',
+               'Sound certified radius vs the paper\'s empirical radius vs the PGD-found radius'),
+    Experiment('crmt_official_vs_fixed', 'ours', 'official-vs-fixed',
+               'What the authors\' code deviations (official=True) change'),
 ]}
 
 def experiments_dir() -> Path:
