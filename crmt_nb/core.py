@@ -11,9 +11,9 @@ from typing import Any, Callable
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['FIG1_RADII', 'PROFILES', 'get_device', 'autocast', 'to_device', 'seed_everything', 'Profile', 'get_profile',
-           'project_root', 'run_dir', 'atomic_path', 'save_torch', 'load_torch', 'content_hash', 'file_lock',
-           'ModelCache']
+__all__ = ['FIG1_RADII', 'PROFILES', 'get_device', 'autocast', 'to_device', 'num_threads', 'seed_everything', 'Profile',
+           'get_profile', 'project_root', 'run_dir', 'atomic_path', 'save_torch', 'load_torch', 'content_hash',
+           'file_lock', 'ModelCache']
 
 # %% ../nbs/00_core.ipynb #b4728a5e
 def get_device(device: str | torch.device | None = 'auto') -> torch.device:
@@ -39,7 +39,18 @@ def to_device(batch, device: torch.device | str):
     if isinstance(batch, (tuple, list)): return type(batch)(to_device(b, device) for b in batch)
     return batch
 
-# %% ../nbs/00_core.ipynb #23ef5c83
+# %% ../nbs/00_core.ipynb #13136ff4
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    "Run the block with `torch.set_num_threads(n)` (None: unchanged), restoring the previous count."
+    old = torch.get_num_threads()
+    if n is not None:
+        if int(n) < 1: raise ValueError(f'the number of threads must be >= 1, got {n}')
+        torch.set_num_threads(int(n))
+    try: yield
+    finally: torch.set_num_threads(old)
+
+# %% ../nbs/00_core.ipynb #eb9ad34a
 def seed_everything(seed: int) -> torch.Generator:
     "Seed `random`, `numpy` and `torch` with `seed`; return a `torch.Generator` seeded with `seed`."
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -49,7 +60,7 @@ def seed_everything(seed: int) -> torch.Generator:
     g = torch.Generator(); g.manual_seed(seed)
     return g
 
-# %% ../nbs/00_core.ipynb #1f6d66d5
+# %% ../nbs/00_core.ipynb #a220eb8d
 FIG1_RADII = (0.1, 0.4, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ def get_profile(profile: str | Profile) -> Profile:
         raise ValueError(f'unknown profile {profile!r}; choose one of {sorted(PROFILES)}')
     return PROFILES[profile]
 
-# %% ../nbs/00_core.ipynb #8b89146c
+# %% ../nbs/00_core.ipynb #6eb60e38
 def project_root() -> Path:
     "The folder holding `settings.ini` above the working directory (else the working directory)."
     here = Path.cwd().resolve()
@@ -131,7 +142,7 @@ def load_torch(path: str | Path, map_location='cpu'):
     if not path.exists(): raise FileNotFoundError(f'no checkpoint at {path}')
     return torch.load(path, map_location=map_location, weights_only=True)
 
-# %% ../nbs/00_core.ipynb #38ec515b
+# %% ../nbs/00_core.ipynb #f0d9667b
 def _canon(o):
     if dataclasses.is_dataclass(o) and not isinstance(o, type): return _canon(dataclasses.asdict(o))
     if isinstance(o, dict): return {str(k): _canon(v) for k, v in sorted(o.items(), key=lambda kv: str(kv[0]))}
@@ -149,7 +160,7 @@ def content_hash(*objs, n: int = 12) -> str:
     s = json.dumps(_canon(list(objs)), sort_keys=True, separators=(',', ':'))
     return hashlib.sha256(s.encode()).hexdigest()[:n]
 
-# %% ../nbs/00_core.ipynb #8c224cb9
+# %% ../nbs/00_core.ipynb #c0ff784d
 @contextlib.contextmanager
 def file_lock(path: str | Path):
     "An exclusive `fcntl.flock` on `path` (created if missing), held for the `with` block."

@@ -67,7 +67,7 @@ class MMAT(AdversarialInputs, Method):
         logits = logits_of(model(self.adversarial(model, xs, y)))
         return F.cross_entropy(logits, y), logits
 
-# %% ../nbs/07b_methods_robust.ipynb #7338bf9d
+# %% ../nbs/07b_methods_robust.ipynb #3a299475
 def ista(f: torch.Tensor, D: torch.Tensor, sparsity: float = 0.1, iters: int = 2000, tol: float = 8e-4,
          step: float | None = None) -> torch.Tensor:
     "Sparse codes A (B, n) of features f (B, d) in the dictionary D (n, d): min ½‖f − A D‖² + λ‖A‖₁ by ISTA."
@@ -99,7 +99,7 @@ class MSEFM(Method):
     exfm: bool = True
     @classmethod
     def defaults(cls, profile: Profile, epochs: int) -> dict:
-        return {} if profile.name == 'paper' else {'ista_iters': 200}
+        return {} if profile.name == 'paper' else {'ista_iters': 50}
     def setup(self, ctx):
         super().setup(ctx)
         if not hasattr(self, 'dicts'): self.dicts = None

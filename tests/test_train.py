@@ -120,3 +120,18 @@ def test_get_or_train_caches(tmp_path):
     key = {**cfg, 'data': {'shapes': D.shapes, 'n_classes': D.n_classes, 'sizes': (len(D.train), len(D.valid))}}
     fct.test_eq(files, [f'{content_hash(key)}-seed0.pt'])        # the resumable training checkpoints were removed
     fct.test_fail(lambda: get_or_train(D, 'JT', cfg, root=tmp_path), contains="config is for method 'MSEFM'")
+
+
+def _weights_at(threads, cfg):
+    torch.set_num_threads(threads)          # the caller's thread count, which training must not depend on
+    return weights(train_model(D, cfg, seed=3, device='cpu', progress=False).model)
+
+def test_same_weights_whatever_the_callers_thread_count():
+    "Training runs under cfg['cpu_threads'], so processes with different thread settings train identical models."
+    before = torch.get_num_threads()
+    try:
+        cfg = small_cfg('JT', epochs=3, max_train=256)
+        assert cfg['cpu_threads'] == 1
+        fct.test_eq(_weights_at(2, cfg), _weights_at(1, cfg))
+        assert torch.get_num_threads() == 1      # restored to the caller's count
+    finally: torch.set_num_threads(before)
