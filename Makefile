@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PROFILE ?= mini
 OUT     ?= runs/$(PROFILE)
+WORKERS ?= 2
 STAMP   := $(VENV)/.crmt_nb-installed
 
 .PHONY: install reproduce test lab export readme clean figures
@@ -19,13 +20,14 @@ $(STAMP): $(BIN)/python settings.ini setup.py
 
 install: $(STAMP)
 
-# every experiment notebook of the registry, through papermill, with the `mini` profile by default
+# every experiment notebook of the registry, through papermill, with the `mini` profile by default;
+# WORKERS notebooks at once (training runs on one CPU thread per notebook, see crmt_nb.core.num_threads)
 reproduce: $(STAMP)
-	$(BIN)/crmt-reproduce --profile $(PROFILE) --out $(OUT) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+	$(BIN)/crmt-reproduce --profile $(PROFILE) --out $(OUT) --workers $(WORKERS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 # copy the committed-to-be figures of a mini run into figures/
 figures: $(STAMP)
-	$(BIN)/crmt-reproduce --profile mini --out runs/mini --figures figures
+	$(BIN)/crmt-reproduce --profile mini --out runs/mini --workers $(WORKERS) --figures figures
 
 # sync and cleanliness checks come first (tests/test_00_sync.py), then the package and notebook tests
 test: $(STAMP)
