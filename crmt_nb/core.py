@@ -103,7 +103,7 @@ def get_profile(profile: str | Profile) -> Profile:
         raise ValueError(f'unknown profile {profile!r}; choose one of {sorted(PROFILES)}')
     return PROFILES[profile]
 
-# %% ../nbs/00_core.ipynb #6eb60e38
+# %% ../nbs/00_core.ipynb #9840f7e6
 def project_root() -> Path:
     "The folder holding `settings.ini` above the working directory (else the working directory)."
     here = Path.cwd().resolve()
@@ -127,6 +127,8 @@ def atomic_path(path: str | Path):
     os.close(fd); tmp = Path(tmp)
     try:
         yield tmp
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)            # mkstemp makes 0600 files; give results the usual permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
