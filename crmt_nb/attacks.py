@@ -102,13 +102,17 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float('-inf')).amax(1)
     return zy - other
 
-# %% ../nbs/05_attacks.ipynb #78d5766d
+# %% ../nbs/05_attacks.ipynb #d3a21637
+def _scalar_eps(eps) -> float:
+    "`eps` as a float, checked finite and >= 0."
+    e = float(eps)
+    if not (e >= 0 and math.isfinite(e)): raise ValueError(f'eps must be a finite number >= 0, got {eps}')
+    return e
+
 def _budget(eps, M: int) -> tuple[bool, object]:
     "`(joint, eps)`: a float → one joint ball; a sequence of M floats → per-modality balls."
     if isinstance(eps, (int, float)) or (isinstance(eps, torch.Tensor) and eps.dim() == 0):
-        e = float(eps)
-        if not (e >= 0 and math.isfinite(e)): raise ValueError(f'eps must be a finite number >= 0, got {eps}')
-        return True, e
+        return True, _scalar_eps(eps)
     try: e = [float(v) for v in eps]
     except TypeError: raise TypeError(f'eps must be a float (joint l2 ball) or a sequence of M floats (per-modality), got {eps!r}')
     if len(e) != M: raise ValueError(f'per-modality eps needs one budget per modality: got {len(e)} for {M} modalities')
@@ -234,14 +238,13 @@ def drop_modality(xs, m) -> tuple:
     if bad: raise ValueError(f'modality {bad} out of range for a batch of {len(xs)} modalities')
     return tuple(torch.zeros_like(x) if i in ms else x for i, x in enumerate(xs))
 
-# %% ../nbs/05_attacks.ipynb #7ab38ffe
+# %% ../nbs/05_attacks.ipynb #784edcac
 def pgd_linf(model, xs, y, eps: float, steps: int = 10, alpha: float | None = None, boxes=None,
              random_start: bool | float = False, generator: torch.Generator | None = None, loss: str = 'ce',
              eval_mode: bool = True):
     "l∞-PGD (advertorch LinfPGD): sign steps of size α, projection onto the ε-box around x, clamp to the valid box."
     xs, single = _pack(xs); y = _labels(y, xs)
-    e = float(eps)
-    if not (e >= 0 and math.isfinite(e)): raise ValueError(f'eps must be a finite number >= 0, got {eps}')
+    e = _scalar_eps(eps)
     if int(steps) != steps or steps < 0: raise ValueError(f'steps must be an integer >= 0, got {steps}')
     a = 2.5 * e / max(int(steps), 1) if alpha is None else float(alpha)
     boxes = _boxes(boxes, len(xs), single); att = list(range(len(xs)))
@@ -264,7 +267,7 @@ def pgd_linf(model, xs, y, eps: float, steps: int = 10, alpha: float | None = No
                 xa = [_clamp(x + (t + a * gt.sign() - x).clamp(-e, e), b) for x, t, gt, b in zip(x0, xa, gr, boxes)]
     return _unpack(tuple(t.detach() for t in xa), single)
 
-# %% ../nbs/05_attacks.ipynb #6f3e2587
+# %% ../nbs/05_attacks.ipynb #4e81c485
 def square_p(p_init: float, i: int, n_queries: int) -> float:
     "Fraction of pixels changed at query `i`: `p_init` halved at 10, 50, …, 8000 of 10 000 (rescaled)."
     it = int(i / n_queries * 10000)
@@ -277,8 +280,7 @@ def square_linf(model, xs, y, eps: float, n_queries: int = 5000, p_init: float =
     if len(xs) != 1: raise ValueError(f'square_linf attacks single-input models; got {len(xs)} modalities')
     y = _labels(y, xs); x = xs[0].detach()
     if x.dim() != 4: raise ValueError(f'square_linf needs images (B, C, H, W), got shape {tuple(x.shape)}')
-    e = float(eps)
-    if not (e >= 0 and math.isfinite(e)): raise ValueError(f'eps must be a finite number >= 0, got {eps}')
+    e = _scalar_eps(eps)
     if n_queries < 1 or not 0 < p_init <= 1: raise ValueError(f'need n_queries >= 1 and 0 < p_init <= 1, got {n_queries}, {p_init}')
     box = _boxes(boxes, 1, single)[0]; _check_in_box((x,), (box,), [0])
     g = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -1,12 +1,8 @@
 """Every notebook (library chapters and experiment notebooks with their smoke defaults) runs without error."""
 import pytest
 from fastcore.basics import listify
-from nbdev.config import get_config
 from nbdev.test import test_nb as run_nb   # renamed: pytest would collect a bare `test_nb`
-
-CFG = get_config()
-NBS = sorted(p for p in CFG.nbs_path.rglob('*.ipynb')
-             if not any(s.startswith(('_', '.')) for s in p.relative_to(CFG.nbs_path).parts))
+from test_00_sync import CFG, NBS          # one list of notebooks for the sync, cleanliness and execution tests
 
 @pytest.mark.parametrize('nb', NBS, ids=lambda p: str(p.relative_to(CFG.nbs_path)))
 def test_notebook(nb):
