@@ -11,9 +11,9 @@ from typing import Any, Callable
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['FIG1_RADII', 'PROFILES', 'get_device', 'autocast', 'to_device', 'num_threads', 'seed_everything', 'Profile',
-           'get_profile', 'project_root', 'run_dir', 'atomic_path', 'save_torch', 'load_torch', 'content_hash',
-           'file_lock', 'ModelCache']
+__all__ = ['FIG1_RADII', 'PROFILES', 'get_device', 'autocast', 'to_device', 'num_threads', 'eval_mode', 'seed_everything',
+           'Profile', 'get_profile', 'project_root', 'run_dir', 'atomic_path', 'save_torch', 'load_torch',
+           'content_hash', 'file_lock', 'ModelCache']
 
 # %% ../nbs/00_core.ipynb #b4728a5e
 def get_device(device: str | torch.device | None = 'auto') -> torch.device:
@@ -49,6 +49,16 @@ def num_threads(n: int | None):
         torch.set_num_threads(int(n))
     try: yield
     finally: torch.set_num_threads(old)
+
+# %% ../nbs/00_core.ipynb #5823a3c9
+@contextlib.contextmanager
+def eval_mode(model):
+    "Put every sub-module of `model` in eval mode for the block; restore each module's own mode after."
+    mods = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    for m, _ in mods: m.training = False
+    try: yield model
+    finally:
+        for m, t in mods: m.training = t
 
 # %% ../nbs/00_core.ipynb #eb9ad34a
 def seed_everything(seed: int) -> torch.Generator:
