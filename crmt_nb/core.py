@@ -12,8 +12,8 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['FIG1_RADII', 'PROFILES', 'get_device', 'autocast', 'to_device', 'num_threads', 'eval_mode', 'seed_everything',
-           'Profile', 'get_profile', 'project_root', 'run_dir', 'atomic_path', 'save_torch', 'load_torch',
-           'content_hash', 'file_lock', 'ModelCache']
+           'Profile', 'get_profile', 'project_root', 'run_dir', 'atomic_path', 'remove_stale_tmp', 'save_torch',
+           'load_torch', 'content_hash', 'file_lock', 'ModelCache']
 
 # %% ../nbs/00_core.ipynb #b4728a5e
 def get_device(device: str | torch.device | None = 'auto') -> torch.device:
@@ -113,7 +113,7 @@ def get_profile(profile: str | Profile) -> Profile:
         raise ValueError(f'unknown profile {profile!r}; choose one of {sorted(PROFILES)}')
     return PROFILES[profile]
 
-# %% ../nbs/00_core.ipynb #9840f7e6
+# %% ../nbs/00_core.ipynb #140131ed
 def project_root() -> Path:
     "The folder holding `settings.ini` above the working directory (else the working directory)."
     here = Path.cwd().resolve()
@@ -129,6 +129,9 @@ def run_dir(profile: str | Profile = 'mini', out: str | Path | None = None) -> P
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     return out
 
+# %% ../nbs/00_core.ipynb #c3f8b826
+_UMASK = os.umask(0); os.umask(_UMASK)
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     "Yield a temporary path beside `path`; on success move it onto `path`, on error delete it."
@@ -137,12 +140,20 @@ def atomic_path(path: str | Path):
     os.close(fd); tmp = Path(tmp)
     try:
         yield tmp
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)            # mkstemp makes 0600 files; give results the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
 
+# %% ../nbs/00_core.ipynb #90c958aa
+def remove_stale_tmp(folder: str | Path, stem: str = '*', older_than: float = 0.0) -> int:
+    "Delete `atomic_path` leftovers `.<stem>.*.tmp*` in `folder` last modified over `older_than` seconds ago."
+    n, now = 0, time.time()
+    for p in Path(folder).glob(f'.{stem}.*.tmp*'):
+        if p.is_file() and now - p.stat().st_mtime >= older_than: p.unlink(missing_ok=True); n += 1
+    return n
+
+# %% ../nbs/00_core.ipynb #d07a4790
 def save_torch(obj, path: str | Path) -> Path:
     "`torch.save` atomically."
     with atomic_path(path) as tmp: torch.save(obj, tmp)
@@ -195,6 +206,7 @@ class ModelCache:
         if p.exists(): return load_torch(p)
         with file_lock(p.with_suffix('.lock')):
             if p.exists(): return load_torch(p)   # trained by another process while we waited
+            remove_stale_tmp(p.parent, p.stem); remove_stale_tmp(p.with_suffix('.ckpt'))   # a killed trainer's leftovers
             ckpt = train()
             if not isinstance(ckpt, dict): raise TypeError('train() must return a checkpoint dict')
             save_torch(ckpt, p)
