@@ -95,8 +95,8 @@ class Profile:
     def asdict(self) -> dict: return dataclasses.asdict(self)
 
 PROFILES: dict[str, Profile] = {
-    'smoke': Profile('smoke', 'builtin', epochs=2, step2_epochs=1, batch_size=64, optimizer='adam', lr=1e-3,
-                     weight_decay=1e-4, lr_step=None, max_train=256, max_eval=128, seeds=(0,),
+    'smoke': Profile('smoke', 'builtin', epochs=1, step2_epochs=1, batch_size=64, optimizer='adam', lr=1e-3,
+                     weight_decay=1e-4, lr_step=None, max_train=128, max_eval=128, seeds=(0,),
                      radii=(0.5, 2.0), description='seconds per notebook: CI and the notebook tests'),
     'mini': Profile('mini', 'builtin', epochs=20, step2_epochs=5, batch_size=64, optimizer='adam', lr=3e-3,
                     weight_decay=1e-4, lr_step=None, max_train=None, max_eval=None, seeds=(0, 1, 2),

@@ -12,8 +12,7 @@ from .models import logits_of
 from .attacks import fgm, pgd_l2, drop_modality
 
 # %% auto #0
-__all__ = ['ATTACKS', 'SMOKE_TRAIN', 'AttackSpec', 'paper_protocol', 'radius_grid', 'evaluate', 'experiment_data',
-           'experiment_config']
+__all__ = ['ATTACKS', 'AttackSpec', 'paper_protocol', 'radius_grid', 'evaluate']
 
 # %% ../nbs/08_evaluate.ipynb #eb71e4b6
 ATTACKS = ('clean', 'fgm', 'pgd', 'missing')
@@ -70,24 +69,3 @@ def evaluate(model, ds, specs: Sequence[AttackSpec], batch_size: int = 256, step
     acc = (correct / max(n, 1)).tolist()
     return pd.DataFrame([dict(attack=s.attack, modality=s.modality, eps=float(s.eps), metric='accuracy', value=a)
                          for s, a in zip(specs, acc)])
-
-# %% ../nbs/08_evaluate.ipynb #0bc8ebb1
-SMOKE_TRAIN = dict(epochs=1, max_train=128)
-
-def experiment_data(profile, dataset: str | None = None, data_root=None):
-    "`DataSplits` of an experiment: `paper_splits(dataset or 'ks', data_root)` for `paper`, else a built-in set."
-    from crmt_nb.core import get_profile
-    from crmt_nb.train import load_dataset
-    if get_profile(profile).data == 'paper':
-        from crmt_nb.paper_data import paper_splits
-        if not data_root: raise ValueError("the paper profile needs data_root: the folder holding the paper's "
-                                          "datasets (see crmt_nb.paper_data, e.g. <data_root>/ks/lists/train.txt)")
-        return paper_splits(dataset or 'ks', data_root)
-    return load_dataset(dataset or 'mfeat pix+fou')
-
-def experiment_config(profile, method: str, overrides: dict | None = None) -> dict:
-    "The training config of `method` in the shared-model experiments (smoke: `SMOKE_TRAIN`), plus `overrides`."
-    from crmt_nb.core import get_profile
-    from crmt_nb.train import train_config
-    base = dict(SMOKE_TRAIN) if get_profile(profile).name == 'smoke' else {}
-    return train_config(profile, method, **{**base, **(overrides or {})})

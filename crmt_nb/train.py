@@ -9,14 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
-from tqdm.auto import tqdm
-from .core import (get_device, num_threads, autocast, to_device, seed_everything, get_profile, Profile, save_torch,
-                          load_torch, ModelCache, run_dir, content_hash)
+from tqdm.std import tqdm   # text bars: they show in executed notebooks and logs too
+from .core import get_device, autocast, to_device, seed_everything, Profile, save_torch, load_torch
 from .models import logits_of, MMOutput
 
 # %% auto #0
-__all__ = ['MODEL_KINDS', 'Context', 'Method', 'accuracy', 'loaders', 'loader_generator', 'fit', 'train_config', 'make_optimizer',
-           'make_scheduler', 'load_dataset', 'Predictor', 'Trained', 'build', 'train_model', 'get_or_train']
+__all__ = ['Context', 'Method', 'accuracy', 'loaders', 'loader_generator', 'fit', 'Predictor', 'Trained']
 
 # %% ../nbs/06_train.ipynb #a917f388
 @dataclass
@@ -246,55 +244,7 @@ def _run_epoch(model, m: Method, ctx: Context, train_dl, opt, device, grad_clip)
     return {'lr': opt.param_groups[0]['lr'], 'loss': (tot_loss / max(n, 1)).item(), 'acc': (correct / max(n, 1)).item(),
             'seconds': time.perf_counter() - t0}
 
-# %% ../nbs/06_train.ipynb #26021e48
-MODEL_KINDS = ('small', 'resnet18')
-
-def train_config(profile: str | Profile = 'mini', method: str = 'JT', **overrides) -> dict:
-    "The training configuration of `method` under `profile` (a plain, hashable dict)."
-    from crmt_nb.methods import METHODS
-    p = get_profile(profile)
-    if method not in METHODS: raise ValueError(f'unknown method {method!r}; choose one of {list(METHODS)}')
-    cfg = dict(method=method, profile=p.name, epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer,
-               lr=p.lr, momentum=0.9, weight_decay=p.weight_decay, lr_step=p.lr_step, lr_gamma=0.1,
-               max_train=p.max_train, d_feat=64, model='resnet18' if p.data == 'paper' else 'small',
-               cpu_threads=None if p.data == 'paper' else 1,
-               select_on='valid', options={})
-    cfg['options'] = dict(METHODS[method].defaults(p, cfg['epochs']))
-    opt_keys = {k for k in overrides if k not in cfg}
-    for k in opt_keys: cfg['options'][k] = overrides.pop(k)
-    if 'options' in overrides: cfg['options'].update(overrides.pop('options'))
-    cfg.update(overrides)
-    if 'epochs' in overrides:      # options scaled to the epoch budget follow an epochs override
-        scaled = METHODS[method].defaults(p, cfg['epochs'])
-        for k, v in scaled.items():
-            if k not in opt_keys: cfg['options'][k] = v
-    METHODS[method](**cfg['options'])          # fails early, naming a misspelt option
-    if cfg['model'] not in MODEL_KINDS: raise ValueError(f"model must be one of {MODEL_KINDS}, got {cfg['model']!r}")
-    return cfg
-
-def make_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
-    "SGD (momentum) or Adam from a config."
-    if cfg['optimizer'] == 'sgd': return torch.optim.SGD(params, cfg['lr'], momentum=cfg['momentum'], weight_decay=cfg['weight_decay'])
-    if cfg['optimizer'] == 'adam': return torch.optim.Adam(params, cfg['lr'], weight_decay=cfg['weight_decay'])
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg['optimizer']!r}")
-
-def make_scheduler(cfg: dict, opt):
-    "StepLR(lr_step, lr_gamma), or None for a constant learning rate."
-    return torch.optim.lr_scheduler.StepLR(opt, cfg['lr_step'], cfg['lr_gamma']) if cfg.get('lr_step') else None
-
-# %% ../nbs/06_train.ipynb #4bc3dcea
-_DATASETS = {}
-
-def load_dataset(name: str):
-    "A built-in `DataSplits` by name: 'mfeat pix+fou' (any views), 'synthetic'."
-    if name in _DATASETS: return _DATASETS[name]
-    from crmt_nb import data
-    if name.startswith('mfeat '): splits = data.mfeat(tuple(name.split(' ', 1)[1].split('+')))
-    elif name == 'synthetic': splits = data.synthetic_preference()
-    else: raise ValueError(f"unknown dataset {name!r}: use 'mfeat <view>+<view>' or pass a DataSplits")
-    _DATASETS[name] = splits
-    return splits
-
+# %% ../nbs/06_train.ipynb #afcb0655
 class Predictor(nn.Module):
     "`model` with `method.predict` as its forward: returns logits (what attacks and metrics call)."
     def __init__(self, model, method): super().__init__(); self.model, self.method = model, method
@@ -311,44 +261,3 @@ class Trained:
     config: dict
     @property
     def predictor(self) -> Predictor: return Predictor(self.model, self.method).eval()
-
-def build(cfg: dict, splits):
-    "(model, method) for a config: the model family is `cfg['model']`, its head the one the method declares."
-    from crmt_nb.methods import METHODS, build_model
-    method = METHODS[cfg['method']](**cfg['options'])
-    return build_model(method, splits.shapes, splits.n_classes, d_feat=cfg['d_feat'], model=cfg.get('model', 'small'),
-                       dataset=splits.name), method
-
-def train_model(splits, cfg: dict, seed: int = 0, device='auto', ckpt_dir=None, progress=True, test=False) -> Trained:
-    "Train one model from a config, reproducibly from `seed` (resuming from `ckpt_dir` if given)."
-    device = get_device(device)
-    with num_threads(cfg.get('cpu_threads') if device.type == 'cpu' else None):   # same threads ⇒ same weights
-        g = seed_everything(seed)
-        model, method = build(cfg, splits)
-        method.bind_data(splits)
-        tr, va, te = loaders(splits, cfg['batch_size'], g, device, max_train=cfg['max_train'])
-        opt = make_optimizer(cfg, model.parameters())
-        h = fit(model, method, tr, va, epochs=cfg['epochs'], optimizer=opt, scheduler=make_scheduler(cfg, opt),
-                device=device, test_dl=te if (test or cfg['select_on'] == 'test') else None, select_on=cfg['select_on'],
-                ckpt_dir=ckpt_dir, resume=ckpt_dir is not None, seed=seed, progress=progress)
-    return Trained(model, method, h, cfg)
-
-def get_or_train(dataset, method: str, config: dict | None = None, seed: int = 0, *, profile='mini',
-                 device='auto', root=None, progress=True) -> Trained:
-    """The trained model of (dataset, method, config, seed) from the cache under `run_dir(profile, root)/models`,
-    training it once if missing. `dataset` is a `DataSplits` or a built-in name ('mfeat pix+fou')."""
-    splits = load_dataset(dataset) if isinstance(dataset, str) else dataset
-    cfg = config if config is not None else train_config(profile, method)
-    if cfg['method'] != method: raise ValueError(f"config is for method {cfg['method']!r}, not {method!r}")
-    cache = ModelCache(run_dir(profile, root) / 'models')
-    key = {**cfg, 'data': {'shapes': splits.shapes, 'n_classes': splits.n_classes, 'sizes': (len(splits.train), len(splits.valid))}}
-    path = cache.path(splits.name, method, key, seed)
-    def train():
-        t = train_model(splits, cfg, seed, device, ckpt_dir=path.with_suffix('.ckpt'), progress=progress)
-        return {'model': t.model.state_dict(), 'method': t.method.state_dict(),
-                'history': t.history.to_dict('list'), 'config': cfg}
-    ck = cache.get_or_train(splits.name, method, key, seed, train)   # the key includes the input shapes
-    if path.exists() and path.with_suffix('.ckpt').exists(): shutil.rmtree(path.with_suffix('.ckpt'), ignore_errors=True)
-    model, m = build(cfg, splits)
-    m.bind_data(splits); model.load_state_dict(ck['model']); m.load_state_dict(ck['method'])
-    return Trained(model.to(get_device(device)).eval(), m, pd.DataFrame(ck['history']), cfg)

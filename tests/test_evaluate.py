@@ -4,9 +4,8 @@ import pytest, torch, torch.nn as nn
 import fastcore.test as fct
 from crmt_nb.data import synthetic_preference, mfeat
 from crmt_nb.models import JointModel, joint_model
-from crmt_nb.evaluate import (AttackSpec, paper_protocol, radius_grid, evaluate, _adv, experiment_data,
-                              experiment_config, SMOKE_TRAIN)
-from crmt_nb.train import train_config
+from crmt_nb.evaluate import AttackSpec, paper_protocol, radius_grid, evaluate, _adv
+from crmt_nb.experiment import experiment_data, train_config
 
 def _linear(seed):
     torch.manual_seed(seed)
@@ -75,10 +74,9 @@ def test_logit_models_are_evaluated_too():
                    evaluate(m, d.test, specs, device='cpu')['value'].values, eps=1e-9)
 
 def test_experiment_data_and_config():
-    fct.test_eq(experiment_data('mini').names, ('pix', 'fou'))
+    fct.test_eq(experiment_data('mini', 'mfeat pix+fou').names, ('pix', 'fou'))
     fct.test_eq(experiment_data('smoke', 'mfeat fou+kar').shapes, ((76,), (64,)))
-    fct.test_fail(lambda: experiment_data('paper'), contains='needs data_root')
-    fct.test_eq(experiment_config('mini', 'CRMT-AT'), train_config('mini', 'CRMT-AT'))      # same cache key as Table 1
-    c = experiment_config('smoke', 'OGM', {'epochs': 3})
-    fct.test_eq((c['epochs'], c['max_train']), (3, SMOKE_TRAIN['max_train']))
-    fct.test_eq(experiment_config('paper', 'JT')['model'], 'resnet18')
+    fct.test_fail(lambda: experiment_data('paper', 'ks'), contains='needs data_root')
+    c = train_config('smoke', 'OGM', epochs=3)
+    fct.test_eq((c['epochs'], c['max_train']), (3, 128))
+    fct.test_eq(train_config('paper', 'JT')['model'], 'resnet18')

@@ -4,7 +4,8 @@ import fastcore.test as fct
 from crmt_nb.core import seed_everything
 from crmt_nb.data import mfeat
 from crmt_nb.models import joint_model
-from crmt_nb.train import fit, loaders, train_config, train_model, Method, Context
+from crmt_nb.train import fit, loaders, Method, Context
+from crmt_nb.experiment import train_config, train_model
 from crmt_nb.methods import METHODS, build_model
 from crmt_nb.methods_imbalance import OGM, PMR, GB, ogm_coefficients, unimodal_logits
 from crmt_nb.methods_robust import Mixup, MMAT, MSEFM

@@ -3,8 +3,8 @@ import pytest, torch
 import fastcore.test as fct
 from crmt_nb.core import seed_everything, load_torch, content_hash
 from crmt_nb.data import mfeat
-from crmt_nb.train import (fit, loaders, train_config, train_model, get_or_train, accuracy, Method, make_optimizer,
-                           make_scheduler)
+from crmt_nb.train import fit, loaders, accuracy, Method
+from crmt_nb.experiment import train_config, train_model, get_or_train, optimizer_of, scheduler_of
 from crmt_nb.methods import METHODS, build_model
 
 D = mfeat(('pix', 'fou'))
@@ -45,7 +45,7 @@ def _run(name, ckpt, stop_at=None, **opts):
                 st._stopped = True; raise Interrupt()
             return orig(ctx)
         st.on_epoch_start = hook
-    opt = make_optimizer(cfg, model.parameters())
+    opt = optimizer_of(cfg, model.parameters())
     return model, fit(model, method, tr, va, epochs=3, optimizer=opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 1, 0.5),
                       ckpt_dir=ckpt, resume=True, seed=0, progress=False)
 
@@ -98,8 +98,8 @@ def test_train_config_paper_values():
     s2 = METHODS['CRMT-JT'](**{**c['options'], 'official': True}).next_stage()
     fct.test_close(s2.lr, 3e-5, eps=1e-12)
     fct.test_eq((s2.weight_decay, s2.momentum, s2.train_bn, s2.recreate_optimizer), (1e-2, 0.9, True, True))
-    opt = make_optimizer(c, build_model(m, D.shapes, 10).parameters())
-    assert isinstance(opt, torch.optim.SGD) and isinstance(make_scheduler(c, opt), torch.optim.lr_scheduler.StepLR)
+    opt = optimizer_of(c, build_model(m, D.shapes, 10).parameters())
+    assert isinstance(opt, torch.optim.SGD) and isinstance(scheduler_of(c, opt), torch.optim.lr_scheduler.StepLR)
     # an override of an option and of the epochs; unknown names fail
     fct.test_eq(train_config('mini', 'OGM', alpha=0.8)['options']['alpha'], 0.8)
     fct.test_eq(train_config('mini', 'OGM', epochs=14)['options']['window'], (0, 5))
