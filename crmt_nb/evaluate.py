@@ -6,26 +6,33 @@
 from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
-import torch, pandas as pd
-from .core import get_device
+import math, torch, pandas as pd
+from tqdm.std import tqdm
+from .core import get_device, eval_mode
 from .models import logits_of
 from .attacks import fgm, pgd_l2, drop_modality
+from .bounds import lipschitz_upper, certified_radius
 
 # %% auto #0
-__all__ = ['ATTACKS', 'AttackSpec', 'paper_protocol', 'radius_grid', 'evaluate']
+__all__ = ['ATTACKS', 'AttackSpec', 'paper_protocol', 'radius_grid', 'evaluate', 'unimodal_accuracy', 'encoder_lipschitz',
+           'pgd_radius']
 
 # %% ../nbs/08_evaluate.ipynb #eb71e4b6
 ATTACKS = ('clean', 'fgm', 'pgd', 'missing')
 
 @dataclass(frozen=True)
 class AttackSpec:
-    "One evaluation condition: `attack` on `modality` ('all' = joint over every modality) with radius `eps`."
+    "One condition: `attack` on `modality` ('all' = joint) with radius `eps`; PGD step `alpha` (None: ε/3, the paper's)."
     attack: str
     modality: str = 'all'
     eps: float = 0.0
+    alpha: float | None = None
     def __post_init__(self):
         if self.attack not in ATTACKS: raise ValueError(f'attack must be one of {ATTACKS}, got {self.attack!r}')
         if self.eps < 0: raise ValueError(f'eps must be >= 0, got {self.eps}')
+        if self.alpha is not None and self.alpha <= 0: raise ValueError(f'alpha must be > 0, got {self.alpha}')
+    @property
+    def step(self) -> float: return self.eps / 3 if self.alpha is None else self.alpha
 
 def paper_protocol(names: Sequence[str], multi_eps: float = 0.5, uni_eps: float = 1.0) -> list[AttackSpec]:
     "CRMT Tables 1–2: clean; FGM/PGD on all modalities at `multi_eps`; FGM/PGD on each one at `uni_eps`; each missing."
@@ -49,11 +56,12 @@ def _adv(model, xs, y, spec: AttackSpec, names, boxes, steps: int):
         if mods is None: raise ValueError('missing needs one modality name, not all')
         return drop_modality(xs, mods)
     if spec.attack == 'fgm': return fgm(model, xs, y, spec.eps, modalities=mods, boxes=boxes)
-    return pgd_l2(model, xs, y, spec.eps, steps=steps, alpha=spec.eps / 3, modalities=mods, boxes=boxes)
+    return pgd_l2(model, xs, y, spec.eps, steps=steps, alpha=spec.step, modalities=mods, boxes=boxes)
 
 def evaluate(model, ds, specs: Sequence[AttackSpec], batch_size: int = 256, steps: int = 4, device='auto',
-             max_n: int | None = None) -> pd.DataFrame:
+             max_n: int | None = None, progress: bool = False) -> pd.DataFrame:
     "Accuracy of `model` on `ds` (a MultiModalDataset) under each spec; tidy rows attack/modality/eps/metric/value."
+    if progress: return _with_bar(model, ds, specs, batch_size, steps, device, max_n)
     dev = get_device(device)
     specs = list(dict.fromkeys(specs))                     # each condition once, in order
     model = model.to(dev).eval()
@@ -69,3 +77,37 @@ def evaluate(model, ds, specs: Sequence[AttackSpec], batch_size: int = 256, step
     acc = (correct / max(n, 1)).tolist()
     return pd.DataFrame([dict(attack=s.attack, modality=s.modality, eps=float(s.eps), metric='accuracy', value=a)
                          for s, a in zip(specs, acc)])
+
+# %% ../nbs/08_evaluate.ipynb #71f9b8c5
+def _with_bar(model, ds, specs, batch_size, steps, device, max_n) -> pd.DataFrame:
+    specs = list(dict.fromkeys(specs))
+    rows = [evaluate(model, ds, [s], batch_size, steps, device, max_n)
+            for s in tqdm(specs, desc='attacks', unit='condition', mininterval=2)]
+    return pd.concat(rows, ignore_index=True)
+
+# %% ../nbs/08_evaluate.ipynb #d92d4149
+@torch.no_grad()
+def unimodal_accuracy(model, ds, batch_size: int = 256, device='auto') -> dict[str, float]:
+    "Top-1 accuracy of each uni-modal score `out.unimodal[m]` on `ds`, by modality name."
+    dev, correct = get_device(device), torch.zeros(len(ds.names))
+    with eval_mode(model):
+        for xs, y in ds.loader(batch_size):
+            out = model(tuple(x.to(dev) for x in xs))
+            correct += torch.stack([(u.argmax(1).cpu() == y).sum() for u in out.unimodal]).float()
+    return dict(zip(ds.names, (correct / len(ds)).tolist()))
+
+def encoder_lipschitz(model, shapes) -> list[float]:
+    "Sound l2 Lipschitz constants of the encoders φ^(m) at their input shapes (`bounds.lipschitz_upper`)."
+    return [lipschitz_upper(enc, s) for enc, s in zip(model.encoders, shapes)]
+
+# %% ../nbs/08_evaluate.ipynb #f4450dd6
+def pgd_radius(model, xs, y, grid: Sequence[float], steps: int = 30, boxes=None) -> torch.Tensor:
+    "Per sample, the smallest joint ‖δ‖₂ over the `grid` radii at which l2-PGD changes the prediction (inf: never)."
+    r = torch.full((len(y),), math.inf, device=y.device)
+    for eps in grid:
+        adv = pgd_l2(model, xs, y, eps, steps=steps, alpha=2.5 * eps / steps, boxes=boxes, loss='margin')
+        with torch.no_grad():
+            flipped = logits_of(model(*adv)).argmax(1) != y
+            d = torch.stack([(a - x).flatten(1).pow(2).sum(1) for a, x in zip(adv, xs)]).sum(0).sqrt()
+        r = torch.where(flipped, torch.minimum(r, d), r)
+    return r
