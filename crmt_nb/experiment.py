@@ -299,14 +299,15 @@ def save_figure(self, fig) -> Path: return save_figure(fig, self.out, self.name)
 def save_summary(self, text: str) -> Path: return save_summary(text, self.out, self.name)
 
 # %% ../nbs/08a_experiment.ipynb #02de01fb
-def setup_experiment(name: str, namespace: dict, data: tuple = ('mfeat pix+fou', 'ks'), item: str | None = None) -> Run:
-    "Check the notebook's parameters, then wire its run; `data` = the (built-in, paper) default datasets."
+def setup_experiment(name: str, namespace: dict, data=('mfeat pix+fou', 'ks'), item: str | None = None) -> Run:
+    """Check the notebook's parameters, then wire its run. `data`: the (built-in, paper) default dataset names, or a
+    function of the checked parameters that returns the `DataSplits`."""
     p = SimpleNamespace(**check_parameters(name, namespace))
     prof, dev = get_profile(p.profile), get_device(p.device)
     if dev.type == 'cpu' and getattr(p, 'cpu_threads', None): torch.set_num_threads(p.cpu_threads)
     out = run_dir(prof.name, p.out_dir or run_dir(prof.name) / name).resolve()
-    splits = experiment_data(prof, getattr(p, 'dataset', None) or data[prof.data == 'paper'], p.data_root,
-                             getattr(p, 'on_error', 'raise'))
+    splits = data(p) if callable(data) else experiment_data(prof, getattr(p, 'dataset', None) or data[prof.data == 'paper'],
+                                                           p.data_root, getattr(p, 'on_error', 'raise'))
     seeds = p.seeds or prof.seeds
     item = item or (EXPERIMENTS[name].item if name in EXPERIMENTS else name)
     run = Run(name, p, prof, dev, seeds, out, splits, Results(item, splits.name),
