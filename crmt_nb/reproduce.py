@@ -8,8 +8,6 @@ import argparse, json, multiprocessing as mp, os, shutil, signal, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
-import papermill as pm
-from papermill.engines import NBClientEngine, papermill_engines
 import crmt_nb
 from .core import (get_profile, run_dir, atomic_path, content_hash, project_root, file_lock, remove_stale_tmp,
                           PROFILES)
@@ -17,7 +15,7 @@ from .core import (get_profile, run_dir, atomic_path, content_hash, project_root
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'RESULT_COLUMNS', 'SMOKE_NOTE', 'experiments_dir', 'Experiment', 'select', 'save_results',
            'save_figure', 'save_summary', 'markdown_table', 'experiment_parameters', 'finished', 'error_line',
-           'ProgressEngine', 'run_experiment', 'Live', 'write_report', 'reproduce', 'reproduce_cli']
+           'run_experiment', 'Live', 'write_report', 'reproduce', 'reproduce_cli']
 
 # %% ../nbs/11_reproduce.ipynb #c7ea8a16
 def experiments_dir() -> Path:
@@ -123,26 +121,32 @@ def _write_json(path, obj):
 # %% ../nbs/11_reproduce.ipynb #2314ef62
 def error_line(e: BaseException) -> str:
     "`Type: first line of the message`; for a notebook error, the exception raised in the notebook and its cell."
-    if isinstance(e, pm.PapermillExecutionError):
+    if type(e).__name__ == 'PapermillExecutionError':
         first = (e.evalue or '').strip().splitlines()
         return f"{e.ename}: {first[0] if first else ''} (in cell [{e.exec_count}])"
     first = str(e).strip().splitlines()
     return f"{type(e).__name__}: {first[0] if first else ''}"
 
 # %% ../nbs/11_reproduce.ipynb #a4541076
-class ProgressEngine(NBClientEngine):
-    "papermill's nbclient engine that also writes `{'cell': i, 'cells': n}` to `progress_file` as each cell starts."
-    @classmethod
-    def execute_managed_notebook(cls, nb_man, kernel_name, progress_file=None, **kwargs):
-        if progress_file:
-            start, n = nb_man.cell_start, len(nb_man.nb.cells)
-            def cell_start(cell, cell_index=None, **kw):
-                _write_json(progress_file, dict(cell=(cell_index or 0) + 1, cells=n))
-                return start(cell, cell_index, **kw)
-            nb_man.cell_start = cell_start
-        return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+def _papermill():
+    "papermill, with the `crmt_progress` engine registered (imported on first use: it takes seconds to import)."
+    import papermill as pm
+    from papermill.engines import NBClientEngine, papermill_engines
+    class ProgressEngine(NBClientEngine):
+        "papermill's nbclient engine that also writes `{'cell': i, 'cells': n}` to `progress_file` per cell."
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, progress_file=None, **kwargs):
+            if progress_file: _report_cells(nb_man, progress_file)
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+    papermill_engines.register('crmt_progress', ProgressEngine)
+    return pm
 
-papermill_engines.register('crmt_progress', ProgressEngine)
+def _report_cells(nb_man, progress_file):
+    start, n = nb_man.cell_start, len(nb_man.nb.cells)
+    def cell_start(cell, cell_index=None, **kw):
+        _write_json(progress_file, dict(cell=(cell_index or 0) + 1, cells=n))
+        return start(cell, cell_index, **kw)
+    nb_man.cell_start = cell_start
 
 # %% ../nbs/11_reproduce.ipynb #eeb7f55c
 def run_experiment(exp: Experiment, profile: str, out, data_root=None, device: str = 'auto', params: dict | None = None,
@@ -166,7 +170,7 @@ def _execute(exp: Experiment, out_dir: Path, parameters: dict, stamp: str, log, 
     log(f'[run ] {exp.name} ({parameters["profile"]})'); t0 = time.perf_counter()
     try:
         with atomic_path(final) as tmp:
-            try: pm.execute_notebook(str(exp.notebook), str(tmp), parameters=parameters, kernel_name='python3',
+            try: _papermill().execute_notebook(str(exp.notebook), str(tmp), parameters=parameters, kernel_name='python3',
                                      cwd=str(out_dir), progress_bar=False, log_output=False,
                                      engine_name='crmt_progress', progress_file=progress_file)
             except BaseException:
