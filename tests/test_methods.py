@@ -187,6 +187,29 @@ def test_at_budget_is_a_checked_option():
             fct.test_fail(lambda: make(**bad), contains=msg)
 
 
+def test_crmt_a_init_and_l1_floor_options():
+    for name in ('CRMT-JT', 'CRMT-AT', 'CRMT-Mix', 'OJT', 'CRMT-step1', 'CRMT-step2'):
+        fct.test_eq(METHODS[name]().a_init, 0.1)
+        fct.test_eq(METHODS[name](a_init=1.0).a_init, 1.0)
+        fct.test_eq(METHODS[name](a_init=1.0, official=True).a_init, 0.1)                 # official keeps the authors' 0.1
+    m = METHODS['CRMT-JT'](a_init=0.7)
+    model = joint_model(D.shapes, 10, head=m.head, orth=m.orth, a_init=m.a_init)
+    fct.test_eq(model.integration.detach(), torch.full((2, 10), 0.7))
+    fct.test_fail(lambda: METHODS['CRMT-JT'](a_init=float('nan')), contains='a_init must be a finite number')
+    xs, y = batch(32)
+    model.eval()
+    for floor in (None, 1e-5, 1e-2):
+        c = METHODS['CRMT-step1'](l1_floor=floor); c.loss(model, xs, y)
+        fct.test_close(c.terms['margin'], margin_loss(model(xs).unimodal, y, floor=floor), eps=1e-6)
+
+
+@pytest.mark.xfail(reason='build_model (07_methods, not in this branch\'s scope) does not yet pass method.a_init to the model',
+                   strict=False)
+def test_build_model_uses_method_a_init():
+    m = METHODS['CRMT-JT'](a_init=1.0)
+    fct.test_eq(build_model(m, D.shapes, 10).integration.detach(), torch.ones(2, 10))
+
+
 def test_crmt_at_margin_term_is_l1_on_adversarial_batch():
     xs, y = batch()
     m = METHODS['CRMT-AT'](); m.bind_data(D)
