@@ -24,18 +24,29 @@ def _y(y, s):
     if y.numel() != s.shape[1]: raise ValueError(f'got {y.numel()} labels for a batch of {s.shape[1]}')
     return y
 
-def margin_loss(unimodal, y, official: bool = False) -> torch.Tensor:
-    "L1 of Eq 12: mean_i log Σ_m Σ_{k≠y} exp(s_k^(m) − s_y^(m)) (logsumexp); `official` = the code's naive form."
+def _floored_lse(z: torch.Tensor, floor: float | None) -> torch.Tensor:
+    "log(Σ_j exp z_j + floor) per row of z (B, n), stably: a logsumexp with the constant term log(floor)."
+    if floor is not None and not (floor >= 0 and math.isfinite(floor)):
+        raise ValueError(f'floor must be None or a finite number >= 0, got {floor!r}')
+    if floor:
+        z = torch.cat([z, z.new_full((z.shape[0], 1), math.log(floor))], 1)
+    return torch.logsumexp(z, dim=1)
+
+# %% ../nbs/04_losses.ipynb #d8b2af6e
+def margin_loss(unimodal, y, floor: float | None = 1e-5, official: bool = False) -> torch.Tensor:
+    """L1 = mean_i log(Σ_m Σ_{k≠y} exp(s_k^(m) − s_y^(m)) + floor) ≥ log(floor), as a logsumexp.
+    `floor=None` (or 0) is the literal unbounded Eq 12; `official` the code's naive form (floor 1e-5, `floor` ignored)."""
     s = _scores(unimodal); y = _y(y, s); M, B, K = s.shape
     sy = s.gather(2, y[None, :, None].expand(M, B, 1))                      # (M, B, 1)
     if official:
         return torch.log((s.exp().sum(2, keepdim=True) * torch.exp(-sy) - 1).sum(0) + 1e-5).mean()
     z = (s - sy).masked_fill(F.one_hot(y, K).bool()[None], -math.inf)     # drop k = y
-    return torch.logsumexp(z.permute(1, 0, 2).reshape(B, M * K), dim=1).mean()
+    return _floored_lse(z.permute(1, 0, 2).reshape(B, M * K), floor).mean()
 
 # %% ../nbs/04_losses.ipynb #22421ddb
-def margin_loss_mix(unimodal, y_a, y_b, lam, official: bool = False) -> torch.Tensor:
-    "CRMT-Mix L1: mean_i log Σ_m Σ_{k∉{y_a,y_b}} exp(s_k − λ s_{y_a} − (1−λ) s_{y_b}); `official` = the code's logit subtraction."
+def margin_loss_mix(unimodal, y_a, y_b, lam, floor: float | None = 1e-5, official: bool = False) -> torch.Tensor:
+    """CRMT-Mix L1: mean_i log(Σ_m Σ_{k∉{y_a,y_b}} exp(s_k − λ s_{y_a} − (1−λ) s_{y_b}) + floor) ≥ log(floor).
+    `floor=None` (or 0) = unbounded; `official` = the code's logit subtraction (no floor, `floor` ignored)."""
     s = _scores(unimodal); ya, yb = _y(y_a, s), _y(y_b, s); M, B, K = s.shape
     lam = torch.as_tensor(lam, dtype=s.dtype, device=s.device).reshape(-1, 1)
     sa = s.gather(2, ya[None, :, None].expand(M, B, 1))
@@ -46,7 +57,7 @@ def margin_loss_mix(unimodal, y_a, y_b, lam, official: bool = False) -> torch.Te
         return torch.log((n * torch.exp(-target)).sum(0)).mean()
     drop = F.one_hot(ya, K).bool() | F.one_hot(yb, K).bool()
     z = (s - target).masked_fill(drop[None], -math.inf)
-    return torch.logsumexp(z.permute(1, 0, 2).reshape(B, M * K), dim=1).mean()
+    return _floored_lse(z.permute(1, 0, 2).reshape(B, M * K), floor).mean()
 
 # %% ../nbs/04_losses.ipynb #ba15081b
 def bound_loss(head, unimodal, y, tau, j: str = 'runner_up', samples: str = 'all', abs_a: bool = True,

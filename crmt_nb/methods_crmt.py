@@ -4,7 +4,7 @@
 
 # %% ../nbs/07c_methods_crmt.ipynb #4dad3cc1
 from __future__ import annotations
-import torch, torch.nn as nn, torch.nn.functional as F
+import math, torch, torch.nn as nn, torch.nn.functional as F
 from .core import Profile
 from .models import logits_of, MMOutput
 from .train import Method, Context
@@ -68,6 +68,8 @@ class CRMT(MixupInputs, AdversarialInputs, Method):
     inputs: str = 'clean'          # 'clean' | 'at' | 'mix'
     step2: bool = True
     official: bool = False
+    l1_floor: float | None = 1e-5  # the floor of L1 (losses.margin_loss); None = the literal unbounded Eq 12
+    a_init: float = 0.1            # initial integration weights a^(m) (official: always 0.1)
     step2_epochs: int = 45
     step2_lr: float = 3e-5
     step2_optimizer: str = 'sgd'
@@ -75,7 +77,9 @@ class CRMT(MixupInputs, AdversarialInputs, Method):
     def __init__(self, **kw):
         super().__init__(**kw)
         if self.inputs not in ('clean', 'at', 'mix'): raise ValueError(f"inputs must be 'clean', 'at' or 'mix', got {self.inputs!r}")
-        if self.official: self.orth = 'rownorm'
+        if self.official: self.orth, self.a_init = 'rownorm', 0.1
+        if isinstance(self.a_init, bool) or not isinstance(self.a_init, (int, float)) or not math.isfinite(self.a_init):
+            raise ValueError(f'a_init must be a finite number, got {self.a_init!r}')
         self._stage2 = None
     @classmethod
     def defaults(cls, profile: Profile, epochs: int) -> dict:
@@ -87,12 +91,12 @@ class CRMT(MixupInputs, AdversarialInputs, Method):
             xm, ya, yb, lam = self.mix(xs, y)
             out = model(xm)
             ce = lam * F.cross_entropy(out.logits, ya) + (1 - lam) * F.cross_entropy(out.logits, yb)
-            margin = losses.margin_loss_mix(out.unimodal, ya, yb, lam, official=self.official) if self.rho else None
+            margin = losses.margin_loss_mix(out.unimodal, ya, yb, lam, self.l1_floor, official=self.official) if self.rho else None
         else:
             if self.inputs == 'at': xs = self.adversarial(model, xs, y)
             out = model(xs)
             ce = F.cross_entropy(out.logits, y)
-            margin = losses.margin_loss(out.unimodal, y, official=self.official) if self.rho else None
+            margin = losses.margin_loss(out.unimodal, y, self.l1_floor, official=self.official) if self.rho else None
         self.terms = {'ce': ce.detach(), 'margin': margin.detach() if margin is not None else None}
         return (ce + self.rho * margin if margin is not None else ce), out.logits
     def next_stage(self):

@@ -12,7 +12,8 @@ from .attacks import pgd_l2
 from .train import Method, Context
 
 # %% auto #0
-__all__ = ['sample_beta', 'mix_inputs', 'MixupInputs', 'Mixup', 'AdversarialInputs', 'MMAT', 'ista', 'exfm', 'MSEFM']
+__all__ = ['sample_beta', 'mix_inputs', 'MixupInputs', 'Mixup', 'check_at_budget', 'official_at_sample', 'AdversarialInputs',
+           'MMAT', 'ista', 'exfm', 'MSEFM']
 
 # %% ../nbs/07b_methods_robust.ipynb #72f07312
 def sample_beta(alpha: float, generator: torch.Generator | None) -> float:
@@ -44,21 +45,53 @@ class Mixup(MixupInputs, Method):
         logits = logits_of(model(xm))
         return lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb), logits
 
-# %% ../nbs/07b_methods_robust.ipynb #1acf25df
+# %% ../nbs/07b_methods_robust.ipynb #2c6b4ea7
+def check_at_budget(eps, steps, step_size=None) -> tuple:
+    "(ε, steps, α) of an adversarial-training budget, checked: ε ≥ 0 finite, steps an integer ≥ 1, α > 0 finite or None (ε/steps)."
+    bad = lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+    if bad(eps) or eps < 0: raise ValueError(f'AT eps (the training l2 radius) must be a finite number >= 0, got {eps!r}')
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f'AT steps must be an integer >= 1, got {steps!r}')
+    if step_size is not None and (bad(step_size) or step_size <= 0):
+        raise ValueError(f'AT step_size must be a finite number > 0, or None for eps / steps; got {step_size!r}')
+    return float(eps), steps, float(eps) / steps if step_size is None else float(step_size)
+
+# %% ../nbs/07b_methods_robust.ipynb #1e30e46d
+def official_at_sample(model, xs, y, eps: float = 0.1, steps: int = 5, alpha: float | None = None) -> tuple:
+    """The authors' AT sample: x^t = x + clip(x^{t−1} + α g_i/√(Σ_m‖g_i^(m)‖² + 1e-6) − x, ±2ε), g = ∇ of the batch-mean
+    CE at x^{t−1}, α = ε/5 by default; the model is used in its current mode (train mode while training, as theirs)."""
+    eps, steps, alpha = check_at_budget(eps, steps, alpha if alpha is not None else eps / 5)
+    x0 = tuple(x.detach() for x in xs)
+    xa = x0
+    for _ in range(steps):
+        with torch.enable_grad():
+            xr = tuple(x.clone().requires_grad_(True) for x in xa)
+            g = torch.autograd.grad(F.cross_entropy(logits_of(model(xr)), y), xr)     # mean over the batch
+        with torch.no_grad():
+            n = torch.sqrt(sum(gm.flatten(1).square().sum(1) for gm in g) + 1e-6)   # (B,) joint over modalities
+            xa = tuple(x + (xp + alpha * gm / n.view(-1, *[1] * (gm.dim() - 1)) - x).clamp(-2 * eps, 2 * eps)
+                       for x, xp, gm in zip(x0, xa, g))
+    return tuple(x.detach() for x in xa)
+
+# %% ../nbs/07b_methods_robust.ipynb #e8393ab2
 class AdversarialInputs:
-    "Mixin: joint l2-PGD training examples (ε 0.1, 5 steps of 0.02, the authors' AT)."
+    "Mixin: AT training examples in a joint l2 ball: `eps` (0.1), `steps` (5) of `step_size` (None: ε/steps); `official` = theirs."
     eps: float = 0.1
     steps: int = 5
-    step_size: float = 0.02
+    step_size: float | None = None
     official: bool = False
     boxes: tuple | None = None
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        check_at_budget(self.eps, self.steps, self.step_size)
     def bind_data(self, splits):
         super().bind_data(splits)
         self.boxes = tuple(splits.boxes)
     def adversarial(self, model, xs, y) -> tuple:
-        "The training examples: x + δ with ‖δ‖₂ ≤ ε jointly over the modalities."
-        return pgd_l2(model, xs, y, self.eps, steps=self.steps, alpha=self.step_size, random_start=False,
-                      boxes=None if self.official else self.boxes, eval_mode=not self.official)
+        "The training examples: `pgd_l2` (‖δ‖₂ ≤ ε jointly), or with `official` the authors' `official_at_sample`."
+        eps, steps, alpha = check_at_budget(self.eps, self.steps, self.step_size)
+        if self.official: return official_at_sample(model, xs, y, eps, steps, alpha)
+        return pgd_l2(model, xs, y, eps, steps=steps, alpha=alpha, random_start=False, boxes=self.boxes)
 
 class MMAT(AdversarialInputs, Method):
     "Multi-modal adversarial training: CE on joint l2-PGD examples."

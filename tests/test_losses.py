@@ -8,13 +8,13 @@ from crmt_nb.losses import margin_loss, margin_loss_mix, bound_loss
 from crmt_nb.bounds import empirical_radius
 
 
-def _eq12_literal(s, y):
-    "Eq 12 term by term in float64."
+def _eq12_literal(s, y, floor=0.0):
+    "Eq 12 (+ `floor` inside the log) term by term in float64."
     s = s.double(); M, B, K = s.shape
     vals = []
     for i in range(B):
         tot = sum(sum(math.exp(s[m, i, k]) for k in range(K) if k != y[i]) / math.exp(s[m, i, y[i]]) for m in range(M))
-        vals.append(math.log(tot))
+        vals.append(math.log(tot + floor))
     return sum(vals) / B
 
 
@@ -33,10 +33,15 @@ def test_margin_loss_equals_eq12(M, scale):
     for _ in range(3):
         s = torch.randn(M, 7, 6, generator=g) * scale; y = torch.randint(0, 6, (7,), generator=g)
         lit = _eq12_literal(s, y)
-        fct.test_close(margin_loss(s, y).item(), lit, eps=1e-5)
-        fct.test_close(margin_loss(list(s), y).item(), lit, eps=1e-5)                 # a sequence of (B,K)
+        fct.test_close(margin_loss(s, y, floor=None).item(), lit, eps=1e-5)           # the unbounded option = Eq 12
+        fct.test_close(margin_loss(s, y, floor=0).item(), lit, eps=1e-5)
+        fct.test_close(margin_loss(list(s), y, floor=None).item(), lit, eps=1e-5)     # a sequence of (B,K)
+        # the default: Eq 12 with the floor 1e-5 inside the log, exact in float64
+        fct.test_close(margin_loss(s.double(), y).item(), _eq12_literal(s, y, 1e-5), eps=1e-10)
+        fct.test_close(margin_loss(s.double(), y, floor=0.3).item(), _eq12_literal(s, y, 0.3), eps=1e-10)
         fct.test_close(margin_loss(s, y, official=True).item(), _official_literal(s, y), eps=1e-4)
-        # the two forms differ only by the 1e-5 floor
+        # the official form is the default (floor 1e-5) up to fp32 cancellation; both differ from Eq 12 by the floor
+        fct.test_close(margin_loss(s, y, official=True).item(), margin_loss(s, y).item(), eps=1e-4)
         fct.test_close(margin_loss(s, y, official=True).item(), lit, eps=1e-3 if scale < 5 else 1e-2)
 
 
@@ -57,6 +62,27 @@ def test_margin_loss_stable_and_differentiable():
     assert margin_loss(s2, y) < margin_loss(s, y)
 
 
+@pytest.mark.parametrize('floor', [1e-5, 1e-2])
+def test_margin_loss_bounded_below_by_log_floor(floor):
+    "The default L1 is ≥ log(floor) for any scores, reaches it for large margins, finite with finite grads at ±1e4."
+    g = torch.Generator().manual_seed(3)
+    for scale in (1.0, 30.0, 1e4):
+        s = (torch.randn(2, 16, 6, generator=g) * scale).requires_grad_(True); y = torch.randint(0, 6, (16,), generator=g)
+        for f in (margin_loss, lambda s, y, floor: margin_loss_mix(s, y, y.roll(1), 0.3, floor)):
+            loss = f(s, y, floor=floor)
+            assert torch.isfinite(loss) and loss >= math.log(floor) - 1e-5, (scale, loss.item())
+            s.grad = None; loss.backward(); assert torch.isfinite(s.grad).all()
+    sep = torch.full((2, 4, 5), -1e4); y = torch.arange(4)
+    sep[:, torch.arange(4), y] = 1e4                                                     # every margin 2e4
+    sep.requires_grad_(True)
+    per = margin_loss(sep, y, floor=floor)
+    fct.test_close(per.item(), math.log(floor), eps=1e-6); per.backward()
+    assert torch.isfinite(sep.grad).all() and sep.grad.abs().max() < 1e-6               # flat at the floor
+    assert margin_loss(sep, y, floor=None) < -1e4                                        # Eq 12 keeps falling
+    fct.test_fail(lambda: margin_loss(sep, y, floor=-1e-5), contains='floor must be None or a finite number >= 0')
+    fct.test_fail(lambda: margin_loss_mix(sep, y, y, 0.5, floor=float('nan')), contains='floor must be')
+
+
 def test_margin_loss_model_output_and_errors():
     torch.manual_seed(0)
     m = joint_model([(6,), (5,)], 4, head='orth').eval()
@@ -66,7 +92,7 @@ def test_margin_loss_model_output_and_errors():
     fct.test_fail(lambda: margin_loss(torch.randn(2, 3, 4), torch.tensor([0, 1])), contains='2 labels for a batch of 3')
 
 
-def _mix_literal(s, ya, yb, lam, official):
+def _mix_literal(s, ya, yb, lam, official, floor=0.0):
     s = s.double(); M, B, K = s.shape; vals = []
     for i in range(B):
         tot = 0.
@@ -77,7 +103,7 @@ def _mix_literal(s, ya, yb, lam, official):
             else:
                 n = sum(math.exp(s[m, i, k]) for k in range(K) if k not in (ya[i], yb[i]))
             tot += n * math.exp(-t)
-        vals.append(math.log(tot))
+        vals.append(math.log(tot + floor) if tot + floor > 0 else -math.inf)
     return sum(vals) / B
 
 
@@ -86,9 +112,11 @@ def test_margin_loss_mix(lam):
     g = torch.Generator().manual_seed(int(lam * 10))
     s = torch.randn(2, 9, 5, generator=g); ya = torch.randint(0, 5, (9,), generator=g)
     yb = ya[torch.randperm(9, generator=g)]; yb[0] = ya[0]                           # include a same-target pair
-    fct.test_close(margin_loss_mix(s, ya, yb, lam).item(), _mix_literal(s, ya, yb, lam, False), eps=1e-5)
+    fct.test_close(margin_loss_mix(s, ya, yb, lam, floor=None).item(), _mix_literal(s, ya, yb, lam, False), eps=1e-5)
+    fct.test_close(margin_loss_mix(s.double(), ya, yb, lam).item(), _mix_literal(s, ya, yb, lam, False, 1e-5), eps=1e-10)
     fct.test_close(margin_loss_mix(s, ya, yb, lam, official=True).item(), _mix_literal(s, ya, yb, lam, True), eps=1e-5)
-    fct.test_close(margin_loss_mix(s, ya, ya, lam), margin_loss(s, ya), eps=1e-6)    # same targets → Eq 12
+    fct.test_close(margin_loss_mix(s, ya, ya, lam), margin_loss(s, ya), eps=1e-6)    # same targets → L1 (same floor)
+    fct.test_close(margin_loss_mix(s, ya, ya, lam, floor=None), margin_loss(s, ya, floor=None), eps=1e-6)
     # the official form differs from the intended one (it subtracts logits, not exp(logits))
     assert abs(margin_loss_mix(s, ya, yb, lam, official=True) - margin_loss_mix(s, ya, yb, lam)) > 1e-3
     big = torch.randn(2, 9, 5, generator=g) * 1e4

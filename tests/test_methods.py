@@ -8,7 +8,8 @@ from crmt_nb.train import fit, loaders, Method, Context
 from crmt_nb.experiment import train_config, train_model
 from crmt_nb.methods import METHODS, build_model
 from crmt_nb.methods_imbalance import OGM, PMR, GB, ogm_coefficients, unimodal_logits
-from crmt_nb.methods_robust import Mixup, MMAT, MSEFM
+from crmt_nb.methods_robust import Mixup, MMAT, MSEFM, official_at_sample, check_at_budget
+from crmt_nb.attacks import pgd_l2
 from crmt_nb.methods_crmt import CRMT, CRMTStep2
 from crmt_nb.losses import margin_loss, bound_loss
 from crmt_nb import bounds
@@ -124,12 +125,90 @@ def test_mmat_examples_in_eps_ball(official):
     bn = model.encoders[0][1]; rm = bn.running_mean.clone()
     xa = m.adversarial(model, xs, y)
     r = torch.sqrt(sum((a - x).flatten(1).square().sum(1) for a, x in zip(xa, xs)))
-    assert (r <= 0.1 + 1e-5).all() and r.mean() > 0.09
+    assert (r <= 0.1 + 1e-5).all() and r.mean() > (0.09 if not official else 0.01)   # theirs: shorter steps (1e-6 term)
     assert model.training                                    # mode restored
     if not official: assert xa[0].min() >= 0 and xa[0].max() <= 1 and torch.equal(bn.running_mean, rm)
     else: assert not torch.equal(bn.running_mean, rm)        # the authors' AT runs in train mode (BN stats move)
     loss, logits = m.loss(model, xs, y)
     assert loss > F.cross_entropy(model(xs).logits, y)        # adversarial loss is larger than the clean one
+
+
+def _authors_at(data, labels, model, epsilon):
+    "Literal transcription of the authors' generate_AT_sample (train.py): batch-mean CE, per-sample sqrt(|g|² + 1e-6)."
+    alpha = epsilon / 5; batch_size = data[0].shape[0]
+    data_adv = [data[v].clone().detach() for v in range(2)]
+    for t in range(5):
+        for v in range(2): data_adv[v].requires_grad = True
+        preds_iter = model(data_adv[0], data_adv[1]).logits
+        model.zero_grad()
+        err = torch.nn.CrossEntropyLoss()(preds_iter, labels); err.backward()
+        grad = [data_adv[v].grad.data.reshape(batch_size, -1) for v in range(2)]
+        grad_norm = (torch.norm(grad[0], dim=1) ** 2).reshape((batch_size, 1)) + (torch.norm(grad[1], dim=1) ** 2).reshape((batch_size, 1))
+        grad_norm = torch.sqrt(grad_norm + 1e-6)
+        for v in range(2):
+            grad[v] = (grad[v] / grad_norm.expand(grad[v].shape)).view(data[v].shape)
+            i_adv = data_adv[v].detach() + alpha * grad[v]
+            eta = torch.clamp(i_adv - data[v], min=-epsilon * 2, max=epsilon * 2)
+            data_adv[v] = (data[v] + eta).detach()
+    return data_adv[0], data_adv[1]
+
+
+@pytest.mark.parametrize('head,eps', [('concat', 0.1), ('orth', 0.5)])
+def test_official_at_sample_equals_authors_formula(head, eps):
+    xs, y = batch()
+    torch.manual_seed(1); model = joint_model(D.shapes, 10, head=head).train()
+    with torch.no_grad():                                   # small input gradients, as on a trained model: the 1e-6 matters
+        if head == 'orth': model.a.mul_(1e-2)
+        else: [lin.weight.mul_(1e-2) for lin in model.fcs]
+    twin = copy.deepcopy(model)
+    ours, theirs = official_at_sample(model, xs, y, eps), _authors_at(xs, y, twin, eps)
+    for a, b in zip(ours, theirs): fct.test_close(a, b, eps=1e-6)
+    for k, v in model.state_dict().items(): fct.test_close(v.float(), twin.state_dict()[k].float(), eps=1e-6)  # BN stats too
+    m = MMAT(official=True, eps=eps); m.bind_data(D)
+    via = m.adversarial(copy.deepcopy(twin), xs, y)
+    for a, b in zip(via, _authors_at(xs, y, copy.deepcopy(twin), eps)): fct.test_close(a, b, eps=1e-6)
+    r = lambda xa: torch.sqrt(sum((a - x).flatten(1).square().sum(1) for a, x in zip(xa, xs)))
+    rp = r(pgd_l2(copy.deepcopy(twin), xs, y, eps, steps=5, alpha=eps / 5))
+    assert (r(ours) <= eps + 1e-6).all() and r(ours).median() < 0.9 * rp.median()      # not the proper PGD
+
+
+def test_at_budget_is_a_checked_option():
+    xs, y = batch()
+    torch.manual_seed(0); model = joint_model(D.shapes, 10, head='orth').train()
+    for make in (lambda **k: MMAT(**k), lambda **k: METHODS['CRMT-AT'](**k)):
+        m = make(eps=0.5); m.bind_data(D)
+        fct.test_eq(check_at_budget(m.eps, m.steps, m.step_size), (0.5, 5, 0.1))          # α = ε/steps by default
+        r = torch.sqrt(sum((a - x).flatten(1).square().sum(1) for a, x in zip(m.adversarial(model, xs, y), xs)))
+        assert (r <= 0.5 + 1e-5).all() and r.mean() > 0.45
+        m3 = make(eps=0.3, steps=2, step_size=0.05); m3.bind_data(D)
+        r3 = torch.sqrt(sum((a - x).flatten(1).square().sum(1) for a, x in zip(m3.adversarial(model, xs, y), xs)))
+        assert (r3 <= 0.1 + 1e-5).all()                                                    # 2 steps of 0.05
+        for bad, msg in [(dict(eps=-0.1), 'AT eps'), (dict(eps=float('inf')), 'AT eps'), (dict(steps=0), 'AT steps'),
+                         (dict(steps=1.5), 'AT steps'), (dict(step_size=0.0), 'AT step_size'), (dict(eps='0.1'), 'AT eps')]:
+            fct.test_fail(lambda: make(**bad), contains=msg)
+
+
+def test_crmt_a_init_and_l1_floor_options():
+    for name in ('CRMT-JT', 'CRMT-AT', 'CRMT-Mix', 'OJT', 'CRMT-step1', 'CRMT-step2'):
+        fct.test_eq(METHODS[name]().a_init, 0.1)
+        fct.test_eq(METHODS[name](a_init=1.0).a_init, 1.0)
+        fct.test_eq(METHODS[name](a_init=1.0, official=True).a_init, 0.1)                 # official keeps the authors' 0.1
+    m = METHODS['CRMT-JT'](a_init=0.7)
+    model = joint_model(D.shapes, 10, head=m.head, orth=m.orth, a_init=m.a_init)
+    fct.test_eq(model.integration.detach(), torch.full((2, 10), 0.7))
+    fct.test_fail(lambda: METHODS['CRMT-JT'](a_init=float('nan')), contains='a_init must be a finite number')
+    xs, y = batch(32)
+    model.eval()
+    for floor in (None, 1e-5, 1e-2):
+        c = METHODS['CRMT-step1'](l1_floor=floor); c.loss(model, xs, y)
+        fct.test_close(c.terms['margin'], margin_loss(model(xs).unimodal, y, floor=floor), eps=1e-6)
+
+
+@pytest.mark.xfail(reason='build_model (07_methods, not in this branch\'s scope) does not yet pass method.a_init to the model',
+                   strict=False)
+def test_build_model_uses_method_a_init():
+    m = METHODS['CRMT-JT'](a_init=1.0)
+    fct.test_eq(build_model(m, D.shapes, 10).integration.detach(), torch.ones(2, 10))
 
 
 def test_crmt_at_margin_term_is_l1_on_adversarial_batch():

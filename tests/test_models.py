@@ -1,8 +1,11 @@
-"""Property tests of crmt_nb.models: the papers' ResNet-18 encoders, paper_model, the MMT, and the two heads."""
+"""Property tests of crmt_nb.models and crmt_nb.paper_models: the papers' ResNet-18 encoders, paper_model, the MMT,
+the two heads, a_init, and that crmt_nb.models (hence the attacks) loads without torchvision."""
+import subprocess, sys, math
 import pytest, torch, torch.nn as nn
 import fastcore.test as fct
-from crmt_nb.models import (JointModel, MMOutput, MMT, ClipEncoder, SpectrogramEncoder, joint_model, mmt_model,
-                            paper_model, resnet18_encoder, rownorm, PAPER_DATASETS, IMAGENET_MEAN, IMAGENET_STD)
+from crmt_nb.models import JointModel, MMOutput, MMT, joint_model, rownorm
+from crmt_nb.paper_models import (ClipEncoder, SpectrogramEncoder, mmt_model, paper_model, resnet18_encoder,
+                                  PAPER_DATASETS, IMAGENET_MEAN, IMAGENET_STD)
 
 TINY = dict(frame_size=32, n_frames=2, spec_shape=(32, 16), patch=8, dim=32, depth_modality=1, depth_joint=1, heads=2)
 
@@ -193,3 +196,35 @@ def test_rownorm_closed_form():
     w = torch.randn(5, 9, dtype=torch.float64)
     c = w - w.mean(1, keepdim=True)
     fct.test_close(rownorm(w), c / c.norm(dim=1, keepdim=True), eps=1e-12)
+
+
+# ---------------------------------------------------------------- the chapter split and a_init
+def test_models_and_attacks_load_without_torchvision():
+    code = ('import sys, crmt_nb.models, crmt_nb.attacks, crmt_nb.losses\n'
+            'assert "torchvision" not in sys.modules, "crmt_nb.models imports torchvision"\n'
+            'from crmt_nb.models import JointModel, MMOutput, logits_of\n'
+            'assert "torchvision" not in sys.modules')
+    subprocess.run([sys.executable, '-c', code], check=True)
+
+
+@pytest.mark.parametrize('first', ['crmt_nb.paper_models', 'crmt_nb.models'])
+def test_paper_models_import_in_either_order_and_old_names_resolve(first):
+    "No import cycle; the moved names still resolve from crmt_nb.models (lazily) and are the same objects."
+    code = (f'import {first}\nimport crmt_nb.paper_models as pm, crmt_nb.models as m\n'
+            'from crmt_nb.models import paper_model, PAPER_DATASETS, resnet18_encoder, mmt_model, ClipEncoder\n'
+            'assert paper_model is pm.paper_model and PAPER_DATASETS is pm.PAPER_DATASETS and ClipEncoder is pm.ClipEncoder\n'
+            'import crmt_nb.methods')
+    subprocess.run([sys.executable, '-c', code], check=True)
+    import crmt_nb.models as cm
+    with pytest.raises(AttributeError, match='no attribute'): cm.not_a_name
+
+
+@pytest.mark.parametrize('a_init', [0.1, 1.0, -0.5])
+def test_a_init_reaches_the_model(a_init):
+    fct.test_eq(joint_model([(6,), (5,)], 4, head='orth', a_init=a_init).integration.detach(), torch.full((2, 4), a_init))
+    fct.test_eq(JointModel([nn.Identity()] * 3, [4] * 3, 5, head='orth', a_init=a_init).integration.detach(), torch.full((3, 5), a_init))
+    fct.test_eq(paper_model('ks', head='orth', a_init=a_init).integration.detach(), torch.full((2, 31), a_init))
+    fct.test_eq(mmt_model('vggsound', head='orth', n_classes=7, a_init=a_init, **TINY).integration.detach(), torch.full((2, 7), a_init))
+    fct.test_eq(joint_model([(6,), (5,)], 4, head='orth').integration.detach(), torch.full((2, 4), 0.1))   # default: the authors'
+    for bad in (float('nan'), float('inf'), '1', True):
+        fct.test_fail(lambda: joint_model([(6,), (5,)], 4, head='orth', a_init=bad), contains='a_init')
