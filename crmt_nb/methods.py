@@ -6,7 +6,8 @@
 from __future__ import annotations
 from typing import Sequence
 from .core import Profile
-from .models import joint_model, JointModel, paper_model, PAPER_DATASETS
+from .models import joint_model, JointModel
+from .paper_models import paper_model, PAPER_DATASETS
 from .train import Method
 from .methods_imbalance import GB, OGM, PMR
 from .methods_robust import MSEFM, MMAT, Mixup
@@ -48,10 +49,11 @@ def build_model(method: Method, shapes: Sequence[Sequence[int]], n_classes: int,
                 model: str = 'small', dataset: str | None = None) -> JointModel:
     """The model with the head `method` needs: `model='small'` is the `mini` model (`joint_model`, small encoders,
     `d_feat`-d features); `model='resnet18'` the paper's ResNet-18 pair of `dataset` ('ks' | 'ucf101' | 'vggsound')."""
-    if model == 'small': return joint_model(shapes, n_classes, head=method.head, orth=method.orth, d_feat=d_feat)
+    a_init = getattr(method, 'a_init', 0.1)          # the integration weights' start (CRMT methods' option)
+    if model == 'small': return joint_model(shapes, n_classes, head=method.head, orth=method.orth, d_feat=d_feat, a_init=a_init)
     if model == 'resnet18':
         if dataset not in PAPER_DATASETS:
             raise ValueError(f"model='resnet18' is the paper's model of a paper dataset {list(PAPER_DATASETS)}, got "
                              f"dataset={dataset!r}; use model='small' for the built-in data")
-        return paper_model(dataset, head=method.head, orth=method.orth, n_classes=n_classes)
+        return paper_model(dataset, head=method.head, orth=method.orth, n_classes=n_classes, a_init=a_init)
     raise ValueError(f"model must be 'small' or 'resnet18', got {model!r}")

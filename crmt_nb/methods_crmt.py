@@ -83,7 +83,7 @@ class CRMT(MixupInputs, AdversarialInputs, Method):
         self._stage2 = None
     @classmethod
     def defaults(cls, profile: Profile, epochs: int) -> dict:
-        d = {'base_lr': profile.lr, 'step2_epochs': profile.step2_epochs}
+        d = {'base_lr': profile.lr, 'step2_epochs': profile.step2_epochs, 'eps': profile.at_eps, 'a_init': profile.a_init}
         if profile.name != 'paper': d.update(step2_optimizer='adam', step2_lr=1e-2)
         return d
     def loss(self, model, xs, y):

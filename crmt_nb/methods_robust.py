@@ -96,6 +96,8 @@ class AdversarialInputs:
 class MMAT(AdversarialInputs, Method):
     "Multi-modal adversarial training: CE on joint l2-PGD examples."
     name = 'MMAT'
+    @classmethod
+    def defaults(cls, profile: Profile, epochs: int) -> dict: return {'eps': profile.at_eps}   # ε_eval / 5
     def loss(self, model, xs, y):
         logits = logits_of(model(self.adversarial(model, xs, y)))
         return F.cross_entropy(logits, y), logits

@@ -204,8 +204,6 @@ def test_crmt_a_init_and_l1_floor_options():
         fct.test_close(c.terms['margin'], margin_loss(model(xs).unimodal, y, floor=floor), eps=1e-6)
 
 
-@pytest.mark.xfail(reason='build_model (07_methods, not in this branch\'s scope) does not yet pass method.a_init to the model',
-                   strict=False)
 def test_build_model_uses_method_a_init():
     m = METHODS['CRMT-JT'](a_init=1.0)
     fct.test_eq(build_model(m, D.shapes, 10).integration.detach(), torch.ones(2, 10))
