@@ -101,9 +101,9 @@ def _library_hash() -> str:
     return content_hash({str(p.relative_to(src)): p.read_text() for p in sorted(src.glob('*.py'))})
 
 def experiment_parameters(profile: str, out_dir, data_root=None, device='auto', params: dict | None = None) -> dict:
-    "What papermill injects: the standard parameters, paths absolute (papermill changes the cwd), then `params`."
+    "What papermill injects: the standard parameters, paths absolute (papermill changes the cwd); `params` win."
     root = str(Path(data_root).resolve()) if data_root else None
-    return dict(profile=profile, out_dir=str(Path(out_dir).resolve()), data_root=root, device=device, **(params or {}))
+    return {**dict(profile=profile, out_dir=str(Path(out_dir).resolve()), data_root=root, device=device), **(params or {})}
 
 def _stamp(exp: Experiment, parameters: dict) -> str:
     return content_hash(exp.notebook.read_text(), parameters, _library_hash())

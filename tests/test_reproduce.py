@@ -159,3 +159,58 @@ def test_cli_spells_data_root_and_on_error_as_the_readme(tmp_path):
     p = _tiny_cli(tmp_path, '--profile', 'paper', '--data-root', 'nowhere')
     o, e = p.communicate(timeout=60)
     assert p.returncode == 1 and e.strip() == 'crmt-reproduce: --data-root nowhere: no such folder', e
+
+
+# ---- every experiment notebook, as a user runs them: relative --out, 2 workers, a busy machine -------------------
+def _burn(seconds):
+    "A CPU-bound process (the machine is busy while the batch runs)."
+    return subprocess.Popen([sys.executable, '-c', f'import time\nt = time.time()\nwhile time.time() - t < {seconds}: pass'])
+
+def test_smoke_batch_of_every_notebook_under_load(tmp_path):
+    burners = [_burn(600) for _ in range(2)]
+    try:
+        p = _cli(tmp_path, '--profile', 'smoke', '--workers', '2', '--out', 'runs/x')
+        out, err = p.communicate(timeout=1500)
+    finally:
+        for b in burners: b.kill()
+    assert p.returncode == 0, out + err
+    run = tmp_path / 'runs' / 'x'
+    for name in EXPERIMENTS:
+        d = run / name
+        assert (d / f'{name}.ipynb').exists() and (d / f'{name}.csv').exists() and (d / f'{name}.png').exists(), name
+        assert not (d / f'{name}.failed.ipynb').exists()
+        assert pd.read_csv(d / f'{name}.csv')['value'].notna().all()
+    assert not [q for q in run.rglob('runs') if q.is_dir()], 'a runs/ folder nested inside an experiment folder'
+    assert not list(run.rglob('.*.tmp*')), 'temporary files left behind'
+    assert '[....]' in err and 'cell ' in err, 'no live progress lines'
+    assert 'Kernel is running over TCP' not in out + err
+    report = (run / 'report.md').read_text()
+    assert 'only prove that the code runs' in report and all(f'## {e.title}' in report for e in EXPERIMENTS.values())
+    p = _cli(tmp_path, '--profile', 'smoke', '--workers', '2', '--out', 'runs/x', '--no-progress')
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and out.count('[skip]') == len(EXPERIMENTS), out + err
+    assert (run / 'report.md').read_text().count('| up to date |') == len(EXPERIMENTS)
+
+@pytest.mark.parametrize('params, message', [
+    (dict(seeds='abc'), "ValueError: parameter seeds must be a non-negative int or a list of them"),
+    (dict(radii=[-1.0]), "ValueError: parameter radii must be non-negative numbers"),
+    (dict(device='tpu'), "ValueError: parameter device"),
+    (dict(sedes=[0]), "ValueError: unknown parameter(s) ['sedes'] for modality_preference"),
+])
+def test_bad_parameters_fail_before_any_work(tmp_path, params, message):
+    logs = []
+    with pytest.raises(RuntimeError, match='failed: modality_preference'):
+        reproduce('smoke', only='modality_preference', out=tmp_path, params=params, log=logs.append, progress=False)
+    fail = next(l for l in logs if l.startswith('[FAIL]'))
+    assert message in fail and '(in cell [' in fail, fail
+    assert not (tmp_path / 'models').exists(), 'nothing may be trained before the parameters are checked'
+
+def test_readme_papermill_example_runs_on_a_fresh_clone(tmp_path):
+    "The README's papermill-by-hand command, with the smoke budget and the output under tmp_path."
+    readme = (project_root() / 'README.md').read_text()
+    block = readme.split('To run one notebook by hand with papermill')[1].split('```bash')[1].split('```')[0]
+    cmd = block.replace('\\\n', ' ').replace('-p profile mini', '-p profile smoke').replace('[0, 1, 2]', '[0]')
+    cmd = cmd.replace('runs/', f'{tmp_path}/runs/').replace('.venv/bin/', f'{BIN}/')
+    r = subprocess.run(['bash', '-c', cmd], cwd=project_root(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list((tmp_path / 'runs').rglob('modality_preference.csv'))
