@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
+from fastcore.basics import patch_to
 from tqdm.std import tqdm   # text bars: they show in executed notebooks and logs too
-from .core import get_device, autocast, to_device, seed_everything, Profile, save_torch, load_torch
+from .core import get_device, autocast, to_device, seed_everything, eval_mode, Profile, save_torch, load_torch
 from .models import logits_of, MMOutput
 
 # %% auto #0
-__all__ = ['Context', 'Method', 'accuracy', 'loaders', 'loader_generator', 'fit', 'Predictor', 'Trained']
+__all__ = ['Context', 'Method', 'accuracy', 'loaders', 'loader_generator', 'stages_of', 'fit', 'Predictor', 'Trained']
 
 # %% ../nbs/06_train.ipynb #a917f388
 @dataclass
@@ -90,14 +91,12 @@ def accuracy(model: nn.Module, dl, method: Method | None = None, device='auto') 
     "Top-1 accuracy of `method.predict` (default: the fused logits) over `dl`, model in eval mode (restored)."
     device = get_device(device) if device != 'auto' else next(model.parameters()).device
     method = method or Method()
-    was = model.training; model.eval()
     correct = n = 0
-    try:
+    with eval_mode(model):
         for xs, y in dl:
             xs, y = _prep(xs, device), to_device(y, device)
             with autocast(device):
                 correct += (method.predict(model, xs).argmax(1) == y).sum().item(); n += len(y)
-    finally: model.train(was)
     return correct / max(n, 1)
 
 def loaders(splits, batch_size: int = 64, generator: torch.Generator | None = None, device='auto',
@@ -142,7 +141,120 @@ def _plain(d: dict) -> dict:
         out[k] = v
     return out
 
-# %% ../nbs/06_train.ipynb #520aa103
+# %% ../nbs/06_train.ipynb #5022585d
+def _check_fit(select_on: str, valid_dl, test_dl, resume: bool, ckpt_dir, epochs: int):
+    "Fail before any work, naming what is missing."
+    if select_on not in ('valid', 'test', 'last'): raise ValueError(f"select_on must be 'valid', 'test' or 'last', got {select_on!r}")
+    if select_on == 'valid' and valid_dl is None: raise ValueError("select_on='valid' needs valid_dl (or pass select_on='last')")
+    if select_on == 'test' and test_dl is None: raise ValueError("select_on='test' needs test_dl")
+    if resume and ckpt_dir is None: raise ValueError('resume=True needs ckpt_dir')
+    if epochs < 0: raise ValueError(f'epochs must be >= 0, got {epochs}')
+
+def stages_of(method: Method) -> list[Method]:
+    "The method and its later stages (CRMT: step 1, then step 2 on the integration weights)."
+    stages = [method]
+    while (nxt := stages[-1].next_stage()) is not None: stages.append(nxt)
+    return stages
+
+# %% ../nbs/06_train.ipynb #f63907d2
+def _start(model: nn.Module, train_dl, valid_dl, device: torch.device, seed: int) -> Context:
+    "The model on `device` (channels-last and cuDNN autotuning on CUDA), and the loop's context with its generators."
+    model.to(device)
+    if device.type == 'cuda': model.to(memory_format=torch.channels_last); torch.backends.cudnn.benchmark = True
+    gen = torch.Generator().manual_seed(int(seed))
+    dgen = gen if device.type == 'cpu' else torch.Generator(device).manual_seed(int(seed) + 1)
+    return Context(model, train_dl, valid_dl, device, gen, dgen)
+
+# %% ../nbs/06_train.ipynb #4a93a07f
+@dataclass
+class _Fit:
+    "The state one `fit` call carries across its stages and epochs."
+    method: Method
+    stages: list
+    ctx: Context
+    test_dl: Any
+    select_on: str
+    ckpt_dir: Path | None
+    progress: bool
+    grad_clip: float | None
+    history: list = field(default_factory=list)
+
+# %% ../nbs/06_train.ipynb #4d68b3f3
+@patch_to(_Fit)
+def resume(self) -> dict | None:
+    "The state of `ckpt_dir/last.pt`, with the model, the methods and every RNG restored; None if there is none."
+    if self.ckpt_dir is None or not (self.ckpt_dir / 'last.pt').exists(): return None
+    state = load_torch(self.ckpt_dir / 'last.pt', map_location=self.ctx.device)
+    self.ctx.model.load_state_dict(state['model'])
+    for m, sd in zip(self.stages, state['methods']): m.load_state_dict(sd)
+    _set_rng_state(state['rng'], self.ctx, self.ctx.train_dl)
+    self.history = state['history']
+    return state
+
+@patch_to(_Fit)
+def save_last(self, opt, sched, stage: int, epoch: int, best: dict):
+    "The resumable checkpoint `last.pt` after an epoch (atomic)."
+    if self.ckpt_dir is None: return
+    save_torch({'model': self.ctx.model.state_dict(), 'optimizer': opt.state_dict(),
+                'scheduler': sched.state_dict() if sched is not None else None, 'stage': stage, 'epoch': epoch,
+                'history': self.history, 'best': best, 'methods': [m.state_dict() for m in self.stages],
+                'rng': _rng_state(self.ctx, self.ctx.train_dl)}, self.ckpt_dir / 'last.pt')
+
+# %% ../nbs/06_train.ipynb #428deafc
+@patch_to(_Fit)
+def select(self, best: dict | None, row: dict, stage: int) -> dict:
+    "Keep this epoch if its `select_on` score beats the stage's best so far ('last': every epoch does)."
+    score = {'valid': row.get('valid_acc'), 'test': row.get('test_acc'), 'last': row['epoch']}[self.select_on]
+    if best is not None and score <= best['score']: return best
+    best = {'score': score, 'epoch': row['epoch']}
+    if self.ckpt_dir is not None: save_torch(self.ctx.model.state_dict(), self.ckpt_dir / f'best-s{stage}.pt')
+    else: best['weights'] = copy.deepcopy(self.ctx.model.state_dict())
+    return best
+
+@patch_to(_Fit)
+def keep_selected(self, best: dict | None, stage: int):
+    "Load the stage's selected weights into the model and mark the selected epoch in the history."
+    if best is None: return
+    sd = best['weights'] if self.ckpt_dir is None else load_torch(self.ckpt_dir / f'best-s{stage}.pt', map_location=self.ctx.device)
+    self.ctx.model.load_state_dict(sd)
+    for r in self.history:
+        if r['stage'] == stage + 1: r['selected'] = r['epoch'] == best['epoch']
+
+# %% ../nbs/06_train.ipynb #9596b009
+@patch_to(_Fit)
+def epoch(self, m: Method, stage: int, ep: int, opt, sched) -> dict:
+    "One epoch of stage `m`: train, step the schedule, measure (valid/test accuracy), the method's own numbers."
+    ctx = self.ctx; ctx.epoch = ep
+    row = _run_epoch(ctx.model, m, ctx, ctx.train_dl, opt, ctx.device, self.grad_clip)
+    if sched is not None: sched.step()
+    t0 = time.perf_counter()
+    if ctx.valid_dl is not None: row['valid_acc'] = accuracy(ctx.model, ctx.valid_dl, self.method, ctx.device)
+    if self.test_dl is not None: row['test_acc'] = accuracy(ctx.model, self.test_dl, self.method, ctx.device)
+    row['eval_seconds'] = time.perf_counter() - t0
+    row.update(m.on_epoch_end(ctx))
+    return _plain({'method': self.method.name, 'stage': stage + 1, 'epoch': ep + 1, **row})
+
+# %% ../nbs/06_train.ipynb #13cdff39
+@patch_to(_Fit)
+def stage(self, s: int, m: Method, n_ep: int, opt, sched, state: dict | None):
+    "Run stage `s` (from the checkpoint `state` when resuming inside it), then keep its selected weights."
+    start, best = (state['epoch'], state['best']) if state is not None else (0, None)
+    if state is not None:
+        opt.load_state_dict(state['optimizer'])
+        if sched is not None and state['scheduler'] is not None: sched.load_state_dict(state['scheduler'])
+    self.ctx.stage, self.ctx.epochs, self.ctx.optimizer = s, n_ep, opt
+    m.setup(self.ctx)
+    desc = self.method.name + (f' stage {s + 1}' if len(self.stages) > 1 else '')
+    for ep in (bar := tqdm(range(start, n_ep), desc=desc, disable=not self.progress, leave=False, mininterval=1)):
+        if m.recreate_optimizer and ep > 0: opt = self.ctx.optimizer = m.make_optimizer(self.ctx.model)
+        row = self.epoch(m, s, ep, opt, sched); self.history.append(row)
+        best = self.select(best, row, s)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}", **({'valid': f"{row['valid_acc']:.3f}"} if 'valid_acc' in row else {}))
+        self.save_last(opt, sched, s, ep + 1, best)
+    bar.close()
+    self.keep_selected(best, s)
+
+# %% ../nbs/06_train.ipynb #87cbae33
 def fit(model: nn.Module, method: Method, train_dl, valid_dl=None, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler=None, device='auto', test_dl=None,
         select_on: str = 'valid', ckpt_dir: str | Path | None = None, resume: bool = False,
@@ -151,79 +263,31 @@ def fit(model: nn.Module, method: Method, train_dl, valid_dl=None, *, epochs: in
 
     The model ends with the selected weights of the last stage. `ckpt_dir` enables per-epoch checkpoints
     (`last.pt`, `best-s<stage>.pt`); `resume=True` continues from `ckpt_dir/last.pt` when it exists."""
-    if select_on not in ('valid', 'test', 'last'): raise ValueError(f"select_on must be 'valid', 'test' or 'last', got {select_on!r}")
-    if select_on == 'valid' and valid_dl is None: raise ValueError("select_on='valid' needs valid_dl (or pass select_on='last')")
-    if select_on == 'test' and test_dl is None: raise ValueError("select_on='test' needs test_dl")
-    if resume and ckpt_dir is None: raise ValueError('resume=True needs ckpt_dir')
-    if epochs < 0: raise ValueError(f'epochs must be >= 0, got {epochs}')
-    device = get_device(device)
-    model.to(device)
-    if device.type == 'cuda':
-        model.to(memory_format=torch.channels_last); torch.backends.cudnn.benchmark = True
-    gen = torch.Generator().manual_seed(int(seed))
-    dgen = gen if device.type == 'cpu' else torch.Generator(device).manual_seed(int(seed) + 1)
-    ctx = Context(model, train_dl, valid_dl, device, gen, dgen)
-    stages = [method]
-    while (nxt := stages[-1].next_stage()) is not None: stages.append(nxt)
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
-    history, start_stage, start_epoch, best, state = [], 0, 0, None, None
-    if resume and (ckpt_dir / 'last.pt').exists():
-        state = load_torch(ckpt_dir / 'last.pt', map_location=device)
-        history, start_stage, start_epoch, best = state['history'], state['stage'], state['epoch'], state['best']
-        model.load_state_dict(state['model'])
-        for m, sd in zip(stages, state['methods']): m.load_state_dict(sd)
-        _set_rng_state(state['rng'], ctx, train_dl)
-    for s, m in enumerate(stages):
-        if s < start_stage: continue
-        n_ep = epochs if s == 0 else m.epochs
-        opt = optimizer if s == 0 else m.make_optimizer(model)
-        sched = scheduler if s == 0 else None
-        if state is not None and s == start_stage:
-            opt.load_state_dict(state['optimizer'])
-            if sched is not None and state['scheduler'] is not None: sched.load_state_dict(state['scheduler'])
-        else: start_epoch, best = 0, None
-        ctx.stage, ctx.epochs, ctx.optimizer = s, n_ep, opt
-        m.setup(ctx)
-        bar = tqdm(range(start_epoch, n_ep), desc=f'{method.name}' + (f' stage {s + 1}' if len(stages) > 1 else ''),
-                   disable=not progress, leave=False)
-        for ep in bar:
-            ctx.epoch = ep
-            if m.recreate_optimizer and ep > 0: opt = ctx.optimizer = m.make_optimizer(model)
-            row = _run_epoch(model, m, ctx, train_dl, opt, device, grad_clip)
-            if sched is not None: sched.step()
-            t0 = time.perf_counter()
-            if valid_dl is not None: row['valid_acc'] = accuracy(model, valid_dl, method, device)
-            if test_dl is not None: row['test_acc'] = accuracy(model, test_dl, method, device)
-            row['eval_seconds'] = time.perf_counter() - t0
-            row.update(m.on_epoch_end(ctx))
-            row = _plain({'method': method.name, 'stage': s + 1, 'epoch': ep + 1, **row})
-            history.append(row)
-            score = {'valid': row.get('valid_acc'), 'test': row.get('test_acc'), 'last': ep}[select_on]
-            if best is None or score > best['score']:
-                best = {'score': score, 'epoch': ep + 1}
-                if ckpt_dir is not None: save_torch(model.state_dict(), ckpt_dir / f'best-s{s}.pt')
-                else: best_state = copy.deepcopy(model.state_dict())
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}",
-                            **({'valid': f"{row['valid_acc']:.3f}"} if 'valid_acc' in row else {}))
-            if ckpt_dir is not None:
-                save_torch({'model': model.state_dict(), 'optimizer': opt.state_dict(),
-                            'scheduler': sched.state_dict() if sched is not None else None,
-                            'stage': s, 'epoch': ep + 1, 'history': history, 'best': best,
-                            'methods': [mm.state_dict() for mm in stages], 'rng': _rng_state(ctx, train_dl)},
-                           ckpt_dir / 'last.pt')
-        bar.close()
-        if best is not None:     # load the selected weights of this stage
-            model.load_state_dict(load_torch(ckpt_dir / f'best-s{s}.pt', map_location=device) if ckpt_dir is not None else best_state)
-            for r in history:
-                if r['stage'] == s + 1: r['selected'] = r['epoch'] == best['epoch']
+    _check_fit(select_on, valid_dl, test_dl, resume, ckpt_dir, epochs)
+    ctx = _start(model, train_dl, valid_dl, get_device(device), seed)
+    run = _Fit(method, stages_of(method), ctx, test_dl, select_on, Path(ckpt_dir) if ckpt_dir else None, progress, grad_clip)
+    state = run.resume() if resume else None
+    for s, m in enumerate(run.stages):
+        if state is not None and s < state['stage']: continue
+        first = s == 0
+        run.stage(s, m, epochs if first else m.epochs, optimizer if first else m.make_optimizer(model),
+                  scheduler if first else None, state if state is not None and s == state['stage'] else None)
         state = None
-    ctx.stage, ctx.epoch = len(stages) - 1, None
+    ctx.stage, ctx.epoch = len(run.stages) - 1, None
     method.on_fit_end(ctx)
     model.eval()
-    return pd.DataFrame(history)
+    return pd.DataFrame(run.history)
 
+# %% ../nbs/06_train.ipynb #4e5cdb43
+def _nan_guard(loss: torch.Tensor, m: Method, ctx: Context, batch: int):
+    "Stop before a non-finite loss reaches the weights, naming the stage, epoch and batch."
+    if not torch.isfinite(loss).item():
+        raise FloatingPointError(f'{m.name}: non-finite loss ({loss.item()}) at stage {ctx.stage + 1}, epoch {ctx.epoch + 1}, '
+                                 f'batch {batch}; check the inputs of that batch for inf/NaN or lower the learning rate')
+
+# %% ../nbs/06_train.ipynb #9592a4d2
 def _run_epoch(model, m: Method, ctx: Context, train_dl, opt, device, grad_clip) -> dict:
-    "One pass over `train_dl` with method `m`; returns loss/acc/lr/seconds."
+    "One pass over `train_dl` with method `m`: loss → backward → after_backward → step; returns loss/acc/lr/seconds."
     t0 = time.perf_counter()
     m.on_epoch_start(ctx)
     model.train(m.train_bn)
@@ -232,9 +296,7 @@ def _run_epoch(model, m: Method, ctx: Context, train_dl, opt, device, grad_clip)
         xs, y = _prep(xs, device), to_device(y, device)
         with autocast(device):
             loss, logits = m.loss(model, xs, y)
-        if not torch.isfinite(loss).item():
-            raise FloatingPointError(f'{m.name}: non-finite loss ({loss.item()}) at stage {ctx.stage + 1}, epoch {ctx.epoch + 1}, '
-                                     f'batch {b}; check the inputs of that batch for inf/NaN or lower the learning rate')
+        _nan_guard(loss, m, ctx, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         m.after_backward(model)
