@@ -110,6 +110,7 @@ PROFILES: dict[str, Profile] = {
                      description="the papers' datasets and hyper-parameters, on a GPU"),
 }
 
+# %% ../nbs/00_core.ipynb #62f95dac
 def get_profile(profile: str | Profile) -> Profile:
     "Look a profile up by name (a `Profile` passes through)."
     if isinstance(profile, Profile): return profile
@@ -125,6 +126,7 @@ def project_root() -> Path:
         if (p / 'settings.ini').exists(): return p
     return here
 
+# %% ../nbs/00_core.ipynb #43d91b55
 def run_dir(profile: str | Profile = 'mini', out: str | Path | None = None) -> Path:
     "`out` if given, else `$CRMT_NB_RUNS/<profile>` or `<project root>/runs/<profile>`; created."
     if out is None:
@@ -182,6 +184,7 @@ def _canon(o):
     if o is None or isinstance(o, (str, int, float, bool)): return o
     raise TypeError(f'content_hash cannot hash {type(o).__name__}: pass JSON-able values, tensors or arrays')
 
+# %% ../nbs/00_core.ipynb #03acb05e
 def content_hash(*objs, n: int = 12) -> str:
     "Short sha256 of the canonical JSON of `objs`."
     s = json.dumps(_canon(list(objs)), sort_keys=True, separators=(',', ':'))
@@ -197,6 +200,7 @@ def file_lock(path: str | Path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
+# %% ../nbs/00_core.ipynb #b86ff678
 class ModelCache:
     "Checkpoints keyed by (dataset, method, config hash, seed) under `root`."
     def __init__(self, root: str | Path): self.root = Path(root)

@@ -34,6 +34,7 @@ class AttackSpec:
     @property
     def step(self) -> float: return self.eps / 3 if self.alpha is None else self.alpha
 
+# %% ../nbs/08_evaluate.ipynb #1783eba5
 def paper_protocol(names: Sequence[str], multi_eps: float = 0.5, uni_eps: float = 1.0) -> list[AttackSpec]:
     "CRMT Tables 1–2: clean; FGM/PGD on all modalities at `multi_eps`; FGM/PGD on each one at `uni_eps`; each missing."
     specs = [AttackSpec('clean', 'none')]
@@ -42,6 +43,7 @@ def paper_protocol(names: Sequence[str], multi_eps: float = 0.5, uni_eps: float 
     specs += [AttackSpec('missing', n) for n in names]
     return specs
 
+# %% ../nbs/08_evaluate.ipynb #7044b720
 def radius_grid(names: Sequence[str], radii: Sequence[float], attack: str = 'pgd') -> list[AttackSpec]:
     "Uni-modal `attack` on each modality at each radius (CRMT Fig 1 and Fig 4)."
     return [AttackSpec(attack, n, float(r)) for n in names for r in radii]
@@ -58,6 +60,7 @@ def _adv(model, xs, y, spec: AttackSpec, names, boxes, steps: int):
     if spec.attack == 'fgm': return fgm(model, xs, y, spec.eps, modalities=mods, boxes=boxes)
     return pgd_l2(model, xs, y, spec.eps, steps=steps, alpha=spec.step, modalities=mods, boxes=boxes)
 
+# %% ../nbs/08_evaluate.ipynb #1473bc7b
 def evaluate(model, ds, specs: Sequence[AttackSpec], batch_size: int = 256, steps: int = 4, device='auto',
              max_n: int | None = None, progress: bool = False) -> pd.DataFrame:
     "Accuracy of `model` on `ds` (a MultiModalDataset) under each spec; tidy rows attack/modality/eps/metric/value."

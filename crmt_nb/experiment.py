@@ -36,6 +36,7 @@ def load_dataset(name: str):
     _DATASETS[name] = splits
     return splits
 
+# %% ../nbs/08a_experiment.ipynb #95f10453
 def experiment_data(profile, dataset: str, data_root=None, on_error: str = 'raise'):
     "`DataSplits` of an experiment: a paper dataset under `data_root` for `paper`, else a built-in set."
     if get_profile(profile).data != 'paper': return load_dataset(dataset)
@@ -52,6 +53,7 @@ def _base_config(p: Profile, method: str) -> dict:
                 max_train=p.max_train, d_feat=64, model='resnet18' if p.data == 'paper' else 'small',
                 cpu_threads=None if p.data == 'paper' else 1, select_on='valid', options={})
 
+# %% ../nbs/08a_experiment.ipynb #92e41e8c
 def train_config(profile: str | Profile = 'mini', method: str = 'JT', **overrides) -> dict:
     "The training configuration of `method` under `profile` (a plain, hashable dict); overrides win."
     p = get_profile(profile)
@@ -83,6 +85,7 @@ def build(cfg: dict, splits):
     return build_model(method, splits.shapes, splits.n_classes, d_feat=cfg['d_feat'], model=cfg.get('model', 'small'),
                        dataset=splits.name), method
 
+# %% ../nbs/08a_experiment.ipynb #a68ec5b7
 def train_model(splits, cfg: dict, seed: int = 0, device='auto', ckpt_dir=None, progress=True, test=False) -> Trained:
     "Train one model from a config, reproducibly from `seed` (resuming from `ckpt_dir` if given)."
     device = get_device(device)
@@ -135,11 +138,13 @@ def notebook_parameters(nb_path) -> dict:
     if cell is None: raise ValueError(f'{nb_path} has no cell tagged `parameters`')
     return _assignments(''.join(cell['source']))
 
+# %% ../nbs/08a_experiment.ipynb #aa5727a3
 def _assignments(src: str) -> dict:
     tree = ast.parse(src)
     return {t.id: ast.literal_eval(a.value) for a in tree.body if isinstance(a, ast.Assign) for t in a.targets
             if isinstance(t, ast.Name)}
 
+# %% ../nbs/08a_experiment.ipynb #8f79b6be
 def injected_parameters(namespace: dict) -> dict:
     "What papermill injected into this kernel (its `# Parameters` cell, found in IPython's input history)."
     cells = [c for c in namespace.get('In', []) if isinstance(c, str) and c.startswith('# Parameters')]
@@ -148,11 +153,13 @@ def injected_parameters(namespace: dict) -> dict:
 # %% ../nbs/08a_experiment.ipynb #dca5d686
 def _fail(name, want, v): raise ValueError(f'parameter {name} must be {want}, got {v!r}')
 
+# %% ../nbs/08a_experiment.ipynb #f7c44b58
 def _items(v) -> list:
     "A list from a list/tuple, a comma- or space-separated string, or one value."
     if isinstance(v, str): return v.replace(',', ' ').split()
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
+# %% ../nbs/08a_experiment.ipynb #a83696bd
 def check_seeds(name, v):
     "None | 0 | '0,1,2' | [0, 1, 2] → a tuple of non-negative ints (None: the profile's seeds)."
     if v is None: return None
@@ -162,6 +169,7 @@ def check_seeds(name, v):
         _fail(name, 'a non-negative int or a list of them (e.g. 0 or [0, 1, 2])', v)
     return tuple(int(s) for s in out)
 
+# %% ../nbs/08a_experiment.ipynb #04c75862
 def check_names(name, v, choices=None):
     "None | 'JT' | 'JT,MMAT' | ['JT', 'MMAT'] → a tuple of names, each one of `choices` if given."
     if v is None: return None
@@ -182,10 +190,12 @@ def check_radii(name, v, scalar: bool = False):
         _fail(name, 'a non-negative number' if scalar else 'non-negative numbers (e.g. [0.5, 1.0])', v)
     return out[0] if scalar else tuple(out)
 
+# %% ../nbs/08a_experiment.ipynb #b49158e4
 def check_choice(name, v, choices):
     if v not in choices: _fail(name, f'one of {list(choices)}', v)
     return v
 
+# %% ../nbs/08a_experiment.ipynb #aa336a20
 def check_device(name, v):
     "A device name that exists here: 'auto' | 'cpu' | 'cuda' | 'cuda:N'."
     try: get_device(v); return v
@@ -197,6 +207,7 @@ def _count(name, v, minimum: int):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum: _fail(name, f'an int >= {minimum}', v)
     return int(v)
 
+# %% ../nbs/08a_experiment.ipynb #690d74a1
 def _optional(kind):
     def check(name, v):
         if v is not None and not isinstance(v, kind): _fail(name, f'{kind.__name__} or None', v)
@@ -221,12 +232,14 @@ def _like_default(name, v, default):
     if isinstance(default, (tuple, list)) and all(isinstance(d, str) for d in default): return check_names(name, v)
     return v
 
+# %% ../nbs/08a_experiment.ipynb #6867bb40
 def check_parameter(name: str, value, default=None):
     "`value` checked (and normalised) by the parameter's kind: its name, else the type of its default."
     if name in KINDS: return KINDS[name](name, value)
     if name == 'eps' or name.endswith('_eps'): return check_radii(name, value, scalar=True)
     return _like_default(name, value, default)
 
+# %% ../nbs/08a_experiment.ipynb #50cf754b
 def check_parameters(name: str, namespace: dict, declared: dict | None = None) -> dict:
     "The experiment's parameters read from `namespace` and checked; an injected name it does not declare fails."
     nb = EXPERIMENTS[name].notebook if name in EXPERIMENTS else experiments_dir() / f'{name}.ipynb'

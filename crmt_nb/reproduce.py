@@ -23,6 +23,7 @@ def experiments_dir() -> Path:
     beside = Path(crmt_nb.__file__).resolve().parent.parent / 'nbs' / 'experiments'
     return beside if beside.is_dir() else project_root() / 'nbs' / 'experiments'
 
+# %% ../nbs/11_reproduce.ipynb #0c19f3a6
 @dataclass(frozen=True)
 class Experiment:
     "One parameterised notebook that reproduces one paper item."
@@ -72,6 +73,7 @@ def save_results(df: pd.DataFrame, out_dir: str | Path, name: str) -> Path:
     with atomic_path(p) as tmp: df.to_csv(tmp, index=False)
     return p
 
+# %% ../nbs/11_reproduce.ipynb #2c0cf909
 def save_figure(fig, out_dir: str | Path, name: str) -> Path:
     "Save a matplotlib figure as `name.png` (150 dpi) and `name.pdf`, atomically."
     out = Path(out_dir)
@@ -79,6 +81,7 @@ def save_figure(fig, out_dir: str | Path, name: str) -> Path:
         with atomic_path(out / f'{name}.{ext}') as tmp: fig.savefig(tmp, format=ext, dpi=150, bbox_inches='tight')
     return out / f'{name}.png'
 
+# %% ../nbs/11_reproduce.ipynb #5b8f7d2a
 def save_summary(text: str, out_dir: str | Path, name: str) -> Path:
     "Write the markdown summary `name.md` atomically."
     p = Path(out_dir) / f'{name}.md'
@@ -100,14 +103,17 @@ def _library_hash() -> str:
     src = Path(crmt_nb.__file__).parent
     return content_hash({str(p.relative_to(src)): p.read_text() for p in sorted(src.glob('*.py'))})
 
+# %% ../nbs/11_reproduce.ipynb #5d84f8f9
 def experiment_parameters(profile: str, out_dir, data_root=None, device='auto', params: dict | None = None) -> dict:
     "What papermill injects: the standard parameters, paths absolute (papermill changes the cwd); `params` win."
     root = str(Path(data_root).resolve()) if data_root else None
     return {**dict(profile=profile, out_dir=str(Path(out_dir).resolve()), data_root=root, device=device), **(params or {})}
 
+# %% ../nbs/11_reproduce.ipynb #016966a2
 def _stamp(exp: Experiment, parameters: dict) -> str:
     return content_hash(exp.notebook.read_text(), parameters, _library_hash())
 
+# %% ../nbs/11_reproduce.ipynb #f2e52d6f
 def finished(out_dir: Path, name: str, stamp: str) -> dict | None:
     "The stamp record when `out_dir` holds the finished outputs of exactly this run, else None."
     f = out_dir / '.stamp.json'
@@ -115,6 +121,7 @@ def finished(out_dir: Path, name: str, stamp: str) -> dict | None:
     rec = json.loads(f.read_text())
     return rec if rec.get('hash') == stamp else None
 
+# %% ../nbs/11_reproduce.ipynb #e3737aae
 def _write_json(path, obj):
     with atomic_path(path) as tmp: tmp.write_text(json.dumps(obj))
 
@@ -141,6 +148,7 @@ def _papermill():
     papermill_engines.register('crmt_progress', ProgressEngine)
     return pm
 
+# %% ../nbs/11_reproduce.ipynb #a807b534
 def _report_cells(nb_man, progress_file):
     start, n = nb_man.cell_start, len(nb_man.nb.cells)
     def cell_start(cell, cell_index=None, **kw):
@@ -207,6 +215,7 @@ def _collect(name: str, p, recv) -> dict | None:
     p.join()
     return dict(name=name, status='failed', seconds=0.0, error=f'the worker process died (exit code {p.exitcode})')
 
+# %% ../nbs/11_reproduce.ipynb #f06bbf38
 def _stop_all(procs, grace: float = 20.0):
     "SIGTERM the workers (each stops its kernel and removes its temporary files), SIGKILL what outlives `grace`."
     for p in procs: p.terminate()
@@ -230,6 +239,7 @@ class Live:
             if self.seen.get(k) != (key := l.rsplit(' · ', 1)[0]): self.s.write(l + '\n'); self.seen[k] = key
         self.s.flush()
 
+# %% ../nbs/11_reproduce.ipynb #a980fd55
 def _progress_line(name: str, progress_file, t0: float) -> str:
     "`[....] name: cell i/n · s` from the worker's progress file."
     try: p = json.loads(Path(progress_file).read_text())
@@ -294,6 +304,7 @@ def _section(out: Path, e: Experiment, s: dict) -> list[str]:
     if (d / f'{n}.png').exists(): lines += [f'![{n}]({n}/{n}.png)', '']
     return lines
 
+# %% ../nbs/11_reproduce.ipynb #203e6abf
 def write_report(out, profile: str, statuses: list[dict], experiments=()) -> Path:
     "`out/report.md`: this batch's statuses, plus the sections earlier batches left in `out` (their times kept)."
     out = Path(out); st = {s['name']: s for s in statuses}
@@ -326,11 +337,13 @@ def _check_batch(profile: str, workers: int, data_root, on_error: str):
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     return prof
 
+# %% ../nbs/11_reproduce.ipynb #6a794004
 def _job(e: Experiment, profile: str, out: Path, data_root, device, params, force) -> dict:
     d = out / e.name; d.mkdir(parents=True, exist_ok=True)
     return dict(exp=e, profile=profile, out=str(out), data_root=data_root, device=device, params=params, force=force,
                 progress_file=str(d / '.progress.json'), log_file=str(d / f'{e.name}.log'))
 
+# %% ../nbs/11_reproduce.ipynb #c38634d9
 def _longest_first(exps: list[Experiment], out: Path) -> list[Experiment]:
     "Schedule by the last measured time, longest (or never measured) first, so no long notebook starts last."
     def last(e):
@@ -361,6 +374,7 @@ def reproduce(profile: str = 'mini', only: str | None = None, workers: int = 1, 
     if bad: raise RuntimeError(f"{len(bad)} experiment(s) failed: {', '.join(bad)}; see {report}")
     return report
 
+# %% ../nbs/11_reproduce.ipynb #9c3b4ea1
 def _copy_figures(exps, out: Path, figures):
     fig_dir = Path(figures); fig_dir.mkdir(parents=True, exist_ok=True)
     for e in exps:
@@ -384,8 +398,10 @@ def _parser() -> argparse.ArgumentParser:
     a('--no-progress', dest='progress', action='store_false', help='no live progress lines')
     return ap
 
+# %% ../nbs/11_reproduce.ipynb #6a08cb20
 def _interrupt(signum, frame): raise KeyboardInterrupt
 
+# %% ../nbs/11_reproduce.ipynb #66bb8526
 def reproduce_cli(argv=None):
     "The `crmt-reproduce` command: SIGTERM and Ctrl-C stop the workers cleanly and print one line."
     a = _parser().parse_args(argv)

@@ -32,6 +32,7 @@ class Context:
     epochs: int = 0
     optimizer: torch.optim.Optimizer | None = None
 
+# %% ../nbs/06_train.ipynb #c9151b15
 class Method:
     """Joint training (JT): $\\mathcal L = \\mathrm{CE}(h(x), y)$ on the fused logits. Base class of every method.
 
@@ -86,6 +87,7 @@ def _prep(xs, device):
     if device.type == 'cuda': xs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs)
     return tuple(xs)
 
+# %% ../nbs/06_train.ipynb #55a33266
 @torch.no_grad()
 def accuracy(model: nn.Module, dl, method: Method | None = None, device='auto') -> float:
     "Top-1 accuracy of `method.predict` (default: the fused logits) over `dl`, model in eval mode (restored)."
@@ -99,6 +101,7 @@ def accuracy(model: nn.Module, dl, method: Method | None = None, device='auto') 
                 correct += (method.predict(model, xs).argmax(1) == y).sum().item(); n += len(y)
     return correct / max(n, 1)
 
+# %% ../nbs/06_train.ipynb #0f8674ed
 def loaders(splits, batch_size: int = 64, generator: torch.Generator | None = None, device='auto',
             max_train: int | None = None, max_eval: int | None = None):
     "(train, valid, test) loaders of a `DataSplits`; train shuffled by `generator`; pinned memory on CUDA."
@@ -116,6 +119,7 @@ def loader_generator(dl) -> torch.Generator | None:
         if isinstance(g, torch.Generator): return g
     return None
 
+# %% ../nbs/06_train.ipynb #bdffff5a
 def _rng_state(ctx: Context, train_dl) -> dict:
     st = {'torch': torch.get_rng_state(), 'gen': ctx.generator.get_state()}
     if ctx.device_generator is not ctx.generator: st['dev_gen'] = ctx.device_generator.get_state()
@@ -123,6 +127,7 @@ def _rng_state(ctx: Context, train_dl) -> dict:
     if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
     return st
 
+# %% ../nbs/06_train.ipynb #bd87524a
 def _set_rng_state(st: dict, ctx: Context, train_dl):
     torch.set_rng_state(st['torch']); ctx.generator.set_state(st['gen'])
     if 'dev_gen' in st: ctx.device_generator.set_state(st['dev_gen'])
@@ -132,6 +137,7 @@ def _set_rng_state(st: dict, ctx: Context, train_dl):
         g.set_state(st['loader'])
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
+# %% ../nbs/06_train.ipynb #3c36b661
 def _plain(d: dict) -> dict:
     "History rows as plain Python floats/ints/strs (checkpoints load with weights_only=True)."
     out = {}
@@ -191,6 +197,7 @@ def resume(self) -> dict | None:
     self.history = state['history']
     return state
 
+# %% ../nbs/06_train.ipynb #b00590c7
 @patch_to(_Fit)
 def save_last(self, opt, sched, stage: int, epoch: int, best: dict):
     "The resumable checkpoint `last.pt` after an epoch (atomic)."
@@ -211,6 +218,7 @@ def select(self, best: dict | None, row: dict, stage: int) -> dict:
     else: best['weights'] = copy.deepcopy(self.ctx.model.state_dict())
     return best
 
+# %% ../nbs/06_train.ipynb #8b39feb8
 @patch_to(_Fit)
 def keep_selected(self, best: dict | None, stage: int):
     "Load the stage's selected weights into the model and mark the selected epoch in the history."
@@ -314,6 +322,7 @@ class Predictor(nn.Module):
         if len(xs) == 1 and isinstance(xs[0], (tuple, list)): xs = tuple(xs[0])
         return self.method.predict(self.model, xs)
 
+# %% ../nbs/06_train.ipynb #9faa03bc
 @dataclass
 class Trained:
     "A trained model, its method (with learned state) and its training history."
