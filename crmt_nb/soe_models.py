@@ -12,7 +12,7 @@ from .models import Normalize
 # %% auto #0
 __all__ = ['CIFAR_MEAN', 'CIFAR_STD', 'COMBINE', 'scale_grad', 'BasicBlock', 'CifarResNet', 'resnet_param_count', 'SubOutput',
            'SubModel', 'confidence', 'select', 'CollabOutput', 'average_logits', 'Collaboration', 'oracle_index',
-           'selection_quality', 'routing_shares', 'soe_model', 'linear_expert']
+           'selection_quality', 'routing_shares', 'member_accuracy', 'soe_model', 'linear_expert']
 
 # %% ../nbs/09_soe_models.ipynb #944a214e
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -136,7 +136,7 @@ class Collaboration(nn.Module):
         else: w = F.softmax(self.gate(*xs), -1); logits = torch.einsum('bm,mbk->bk', w, z)
         return CollabOutput(logits, z, a, c, sel, w)
 
-# %% ../nbs/09_soe_models.ipynb #0f30cc6e
+# %% ../nbs/09_soe_models.ipynb #03dbc5e9
 def oracle_index(sub_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "argmin_i CE(z_i, y) = argmax_i p_{i,y} per sample, (M,B,K) → (B,). Uses the label: a diagnostic, not a predictor."
     return F.log_softmax(sub_logits, -1).gather(2, y[None, :, None].expand(sub_logits.shape[0], -1, 1))[..., 0].argmax(0)
@@ -148,6 +148,10 @@ def selection_quality(out: CollabOutput, y: torch.Tensor) -> float:
 def routing_shares(out: CollabOutput) -> torch.Tensor:
     "Share of the batch routed to each sub-model, (M,)."
     return torch.bincount(out.selected, minlength=out.sub_logits.shape[0]).float() / out.selected.numel()
+
+def member_accuracy(out: CollabOutput, y: torch.Tensor) -> torch.Tensor:
+    "Accuracy of each sub-model on its own, (M,) (Table 2's sub-model columns, the code's `acc_originals`)."
+    return (out.sub_logits.argmax(-1) == y[None]).float().mean(1)
 
 # %% ../nbs/09_soe_models.ipynb #c07c4979
 def soe_model(depth: int = 20, n_experts: int = 3, in_ch: int = 3, n_classes: int = 10, widths=(16, 32, 64),

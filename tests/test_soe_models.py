@@ -122,3 +122,16 @@ def test_selection_quality_metric():
     assert selection_quality(col_out, y) == 1.0
     col_out.selected = (oracle_index(z, y) + 1) % 3
     assert selection_quality(col_out, y) == 0.0
+
+def test_official_objective_is_released_v2_and_ehead_trains_trunk():
+    from crmt_nb.soe_training import SoE
+    torch.manual_seed(5)
+    col = soe_model(8, 3, in_ch=1, n_classes=4, widths=(4, 4, 8), mean=(0.5,), std=(0.5,))
+    x, y = torch.rand(6, 1, 10, 10), torch.randint(0, 4, (6,))
+    out = col(x)
+    v2 = selection_loss(out.sub_logits, y, out.confidence, 'v2') + ehead_loss(out.sub_logits, out.conf_logits, y)
+    e7 = selection_loss(out.sub_logits, y) + ehead_loss(out.sub_logits, out.conf_logits, y)
+    assert SoE(official=True).objective(out, y).item() == pytest.approx(v2.item(), abs=1e-6)
+    assert SoE().objective(out, y).item() == pytest.approx(e7.item(), abs=1e-6) and abs(v2.item() - e7.item()) > 1e-4
+    g = torch.autograd.grad(ehead_loss(out.sub_logits, out.conf_logits, y), col.experts[0].trunk.stem[0].weight)[0]
+    assert g.abs().sum() > 0                                      # the E-head loss is not detached from the trunk (spec §7)
