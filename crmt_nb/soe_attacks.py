@@ -167,15 +167,16 @@ def masking_check(model, x, y, white_adv, black_adv, tol: float = 0.0) -> dict:
     wa, ba = w.float().mean().item(), b.float().mean().item()
     return {'white_acc': wa, 'black_acc': ba, 'black_only': (w & ~b).float().mean().item(), 'flag': ba < wa - tol}
 
-# %% ../nbs/09c_soe_attacks.ipynb #4e45b97d
+# %% ../nbs/09c_soe_attacks.ipynb #e0e10fa8
 def robustness_report(model, x, y, eps: float, steps: int = 50, restarts: int = 5, n_queries: int = 5000,
                       seed: int = 0) -> dict:
-    "Accuracies of `model` on (x, y) at ε: clean, PGD (code, DVERGE), adaptive (⊇ both PGDs), Square, and the masking flag."
+    "Accuracies at ε: clean, PGD (code, DVERGE), adaptive (⊇ both PGDs), Square; masking flags vs plain PGD and vs adaptive."
     g = lambda k: torch.Generator().manual_seed(seed * 1000 + k)
     rep = {'eps': eps, 'n': len(y), 'clean': (predict(model, x) == y).float().mean().item()}
     white = {f'pgd_{p}': pgd_collab(model, x, y, eps, p, steps, restarts, g(k)) for p, k in (('code', 1), ('dverge', 2))}
     rep.update({k: (predict(model, v) == y).float().mean().item() for k, v in white.items()})
     xa, rob, _ = adaptive_attack(model, x, y, eps, steps, generator=g(3), extra=white)
     xs = square_collab(model, x, y, eps, n_queries, generator=g(4))
-    mc = masking_check(model, x, y, xa, xs)
-    return {**rep, 'adaptive': rob.float().mean().item(), 'square': mc['black_acc'], 'masking_flag': mc['flag']}
+    mc, mp = masking_check(model, x, y, xa, xs), masking_check(model, x, y, worst_case(model, x, y, white)[0], xs)
+    return {**rep, 'adaptive': rob.float().mean().item(), 'square': mc['black_acc'], 'masking_flag_pgd': mp['flag'],
+            'masking_flag': mc['flag']}

@@ -104,6 +104,7 @@ def test_report_orders(setup):
     col, x, y = setup
     rep = robustness_report(col, x, y, EPS, steps=2, restarts=2, n_queries=10)
     assert rep['adaptive'] <= min(rep['pgd_code'], rep['pgd_dverge']) + 1e-9 and rep['clean'] >= rep['adaptive']
+    assert isinstance(rep['masking_flag_pgd'], bool) and isinstance(rep['masking_flag'], bool)
 
 def test_diverse_input_shape_and_identity():
     x = torch.rand(3, 1, 32, 32); g = torch.Generator().manual_seed(0)
