@@ -192,6 +192,7 @@ def _grad(model, full, att, xa, y, loss):
     xa = [t.detach().requires_grad_(True) for t in xa]
     return xa, torch.autograd.grad(attack_loss(logits_of(model(*_merge(full, att, xa))), y, loss), xa)
 
+# %% ../nbs/05_attacks.ipynb #670ad8fc
 def _setup(xs, y, eps, modalities, boxes):
     "The checked arguments of an l2 attack: (xs, single, y, joint, eps, attacked, boxes)."
     xs, single = _pack(xs)
@@ -202,7 +203,7 @@ def _setup(xs, y, eps, modalities, boxes):
     _check_in_box(xs, boxes, att)
     return xs, single, y, joint, e, att, boxes
 
-# %% ../nbs/05_attacks.ipynb #8e08df54
+# %% ../nbs/05_attacks.ipynb #e3e781b9
 def fgm(model, xs, y, eps, modalities=None, boxes=None, loss: str = 'ce', eval_mode: bool = True):
     "Fast gradient method in l2: x + ε·g/‖g‖ (joint normalisation for a float `eps`, per modality for a sequence), clamped."
     xs, single, y, joint, e, att, boxes = _setup(xs, y, eps, modalities, boxes)
@@ -214,7 +215,7 @@ def fgm(model, xs, y, eps, modalities=None, boxes=None, loss: str = 'ce', eval_m
         d = _ascend(x0, x0, g, e, joint)
         return _unpack(_merge(full, att, [_clamp(x + t, boxes[m]) for m, x, t in zip(att, x0, d)]), single)
 
-# %% ../nbs/05_attacks.ipynb #9854a120
+# %% ../nbs/05_attacks.ipynb #cb52036b
 def _l2_iteration(model, full, att, x0, xa, y, loss, alpha, eps, joint: bool, boxes):
     "x_{t+1} = clip_box(x + Π_ε(x_t + α g/‖g‖ − x)) for the attacked modalities."
     with torch.enable_grad(): xa, g = _grad(model, full, att, xa, y, loss)
@@ -222,6 +223,7 @@ def _l2_iteration(model, full, att, x0, xa, y, loss, alpha, eps, joint: bool, bo
         d = _project_l2(_ascend(xa, x0, g, alpha, joint), eps, joint)
         return [_clamp(x + t, b) for x, t, b in zip(x0, d, boxes)]
 
+# %% ../nbs/05_attacks.ipynb #f1deda27
 def pgd_l2(model, xs, y, eps, steps: int = 10, alpha=None, modalities=None, boxes=None, random_start: bool = False,
            generator: torch.Generator | None = None, loss: str = 'ce', eval_mode: bool = True):
     "l2-PGD on a tuple of modalities: joint ball (float `eps`) or per-modality balls (sequence); returns the last iterate."
@@ -237,7 +239,7 @@ def pgd_l2(model, xs, y, eps, steps: int = 10, alpha=None, modalities=None, boxe
         for _ in range(steps): xa = _l2_iteration(model, full, att, x0, xa, y, loss, aa, ea, joint, bx)
     return _unpack(_merge(full, att, [t.detach() for t in xa]), single)
 
-# %% ../nbs/05_attacks.ipynb #a77d7232
+# %% ../nbs/05_attacks.ipynb #025aa002
 def drop_modality(xs, m) -> tuple:
     "The batch with modality `m` (an index or a sequence of indices) replaced by zeros (missing-modality evaluation)."
     xs = tuple(xs)
@@ -246,7 +248,7 @@ def drop_modality(xs, m) -> tuple:
     if bad: raise ValueError(f'modality {bad} out of range for a batch of {len(xs)} modalities')
     return tuple(torch.zeros_like(x) if i in ms else x for i, x in enumerate(xs))
 
-# %% ../nbs/05_attacks.ipynb #0b82be73
+# %% ../nbs/05_attacks.ipynb #f3882141
 def _linf_start(x0, e: float, boxes, random_start, generator):
     "x₀ = x (False), clip(x + U(−ε, ε)) (True, advertorch rand_init), or x + clip(σ·N(0, I), ±ε) (a float σ, SoE)."
     if random_start is False or random_start is None: return list(x0)
@@ -257,7 +259,7 @@ def _linf_start(x0, e: float, boxes, random_start, generator):
     s = float(random_start)
     return [x + (s * torch.randn(x.shape, generator=g, device=g.device).to(x)).clamp(-e, e) for x in x0]
 
-# %% ../nbs/05_attacks.ipynb #7f449b29
+# %% ../nbs/05_attacks.ipynb #0125b7c1
 def pgd_linf(model, xs, y, eps: float, steps: int = 10, alpha: float | None = None, boxes=None,
              random_start: bool | float = False, generator: torch.Generator | None = None, loss: str = 'ce',
              eval_mode: bool = True):
@@ -276,7 +278,7 @@ def pgd_linf(model, xs, y, eps: float, steps: int = 10, alpha: float | None = No
                 xa = [_clamp(x + (t + a * gt.sign() - x).clamp(-e, e), b) for x, t, gt, b in zip(x0, xa, gr, boxes)]
     return _unpack(tuple(t.detach() for t in xa), single)
 
-# %% ../nbs/05_attacks.ipynb #bccbd124
+# %% ../nbs/05_attacks.ipynb #6c31fb6c
 def square_p(p_init: float, i: int, n_queries: int) -> float:
     "Fraction of pixels changed at query `i`: `p_init` halved at 10, 50, …, 8000 of 10 000 (rescaled)."
     it = int(i / n_queries * 10000)
@@ -286,7 +288,7 @@ def _square_side(p: float, H: int, W: int) -> int:
     "Window side s = round(√(p·H·W)), at least 1 and at most min(H, W) − 1."
     return min(max(int(round(math.sqrt(p * H * W))), 1), max(min(H, W) - 1, 1))
 
-# %% ../nbs/05_attacks.ipynb #541138f2
+# %% ../nbs/05_attacks.ipynb #52d37710
 def _signs(shape, g, like) -> torch.Tensor:
     return (2 * torch.randint(0, 2, shape, generator=g, device=g.device) - 1).to(like)
 
@@ -297,7 +299,7 @@ def _square_windows(n: int, s: int, H: int, W: int, g, dev) -> torch.Tensor:
     vw = torch.randint(0, W - s + 1, (n,), generator=g, device=g.device).to(dev)[:, None]
     return (((rows >= vh) & (rows < vh + s))[:, :, None] & ((cols >= vw) & (cols < vw + s))[:, None, :])[:, None]
 
-# %% ../nbs/05_attacks.ipynb #0d7edd2a
+# %% ../nbs/05_attacks.ipynb #9104b6d0
 def _square_query(margin, x, y, xb, mb, e: float, box, s: int, g) -> bool:
     "One random-search query; updates xb, mb in place. False when no sample is left to attack."
     idx = (mb > 0).nonzero().squeeze(1)
@@ -311,7 +313,7 @@ def _square_query(margin, x, y, xb, mb, e: float, box, s: int, g) -> bool:
     xb[idx] = torch.where(_bv(better, xn), xn, xbc)
     return True
 
-# %% ../nbs/05_attacks.ipynb #a6a64fad
+# %% ../nbs/05_attacks.ipynb #67140c25
 def _square_input(xs, y, eps, n_queries: int, p_init: float, boxes):
     "The checked arguments of `square_linf`: (x, y, eps, box, single)."
     xs, single = _pack(xs)
@@ -323,6 +325,7 @@ def _square_input(xs, y, eps, n_queries: int, p_init: float, boxes):
     box = _boxes(boxes, 1, single)[0]; _check_in_box((x,), (box,), [0])
     return x, y, e, box, single
 
+# %% ../nbs/05_attacks.ipynb #4e605fb9
 def square_linf(model, xs, y, eps: float, n_queries: int = 5000, p_init: float = 0.8, boxes=None,
                 generator: torch.Generator | None = None, eval_mode: bool = True):
     "Square Attack (l∞, margin loss, random search over s×s windows); images (B,C,H,W); returns the best iterate."
@@ -337,7 +340,7 @@ def square_linf(model, xs, y, eps: float, n_queries: int = 5000, p_init: float =
             if not _square_query(margin, x, y, xb, mb, e, box, _square_side(square_p(p_init, i, n_queries), *x.shape[2:]), g): break
     return _unpack((xb,), single)
 
-# %% ../nbs/05_attacks.ipynb #41b0be7f
+# %% ../nbs/05_attacks.ipynb #571a8df2
 def robust_accuracy(model, xs, y, attack: Callable | None = None, **kw) -> float:
     "Fraction of the batch still classified correctly after `attack(model, xs, y, **kw)` (clean accuracy if None)."
     adv = attack(model, xs, y, **kw) if attack is not None else xs
