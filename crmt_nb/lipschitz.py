@@ -58,11 +58,12 @@ def _lip(mod, shape):
         'BatchNorm1d/2d/3d (eval), ReLU-type activations, Max/Avg/Adaptive pooling, Flatten, Dropout, nn.Sequential, '
         'torchvision BasicBlock/Bottleneck/ResNet, or a module defining `lipschitz_upper(input_shape)`.')
 
+# %% ../nbs/03a_lipschitz.ipynb #ef6a73ba
 def lipschitz_upper(encoder: nn.Module, input_shape: Sequence[int]) -> float:
     "A SOUND l2 Lipschitz upper bound of `encoder` (eval mode) on inputs of shape `input_shape` (no batch dim)."
     with eval_mode(encoder): return float(_lip(encoder, tuple(int(v) for v in input_shape))[0])
 
-# %% ../nbs/03a_lipschitz.ipynb #35f1c568
+# %% ../nbs/03a_lipschitz.ipynb #b3f9c0a4
 def _total_padding(padding, dl, k, d) -> tuple:
     "Zero padding per spatial dim, both sides together: 2p; 'valid' → 0; 'same' → dilation·(k − 1)."
     if not isinstance(padding, str): return tuple(2 * v for v in _ntuple(padding, d))
@@ -78,7 +79,7 @@ def _dilate(W, dl):
     Wd[(slice(None), slice(None)) + tuple(slice(None, None, v) for v in dl)] = W
     return Wd
 
-# %% ../nbs/03a_lipschitz.ipynb #bf857610
+# %% ../nbs/03a_lipschitz.ipynb #7fdd507f
 def _polyphase(W, s):
     "Stride-s kernel (O, C, *k) → the stride-1 kernel (O, C·∏s, *⌈k/s⌉) acting on the s^d polyphase components."
     d, k = W.dim() - 2, W.shape[2:]
@@ -90,7 +91,7 @@ def _polyphase(W, s):
     perm = [0, 1] + [3 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)]
     return W.reshape(shp).permute(perm).reshape(O, C * math.prod(s), *[kp[i] // s[i] for i in range(d)])
 
-# %% ../nbs/03a_lipschitz.ipynb #63320d53
+# %% ../nbs/03a_lipschitz.ipynb #87c1fb1a
 def _max_sv(Kf, max_batch):
     "max over frequencies of σ_max of the (O, C') symbol matrices in Kf (O, C', *freqs), via the smaller Gram matrix."
     Kf = Kf.flatten(2).permute(2, 0, 1); best = 0.
@@ -106,7 +107,7 @@ def _symbol_norm(Kf, groups: int, max_batch: int) -> float:
     with num_threads(1 if Kf.device.type == 'cpu' else None):
         return max(_max_sv(Kf[g * n:(g + 1) * n], max_batch) for g in range(groups))
 
-# %% ../nbs/03a_lipschitz.ipynb #fa156a01
+# %% ../nbs/03a_lipschitz.ipynb #c67f9be2
 def conv_norm_upper(weight: torch.Tensor, input_size: Sequence[int], stride=1, padding=0, dilation=1,
                     groups: int = 1, max_batch: int = 2048) -> float:
     "Sound l2 operator-norm bound of a zero-padded ConvNd on inputs of spatial size `input_size` (circulant + FFT)."
@@ -120,7 +121,7 @@ def conv_norm_upper(weight: torch.Tensor, input_size: Sequence[int], stride=1, p
     Kf = torch.fft.rfftn(_polyphase(W, s), s=grid, dim=tuple(range(2, 2 + d)))  # (O, C s^d, *freqs)
     return _symbol_norm(Kf, groups, max_batch) * (1 + 1e-9)                      # covers float64 rounding
 
-# %% ../nbs/03a_lipschitz.ipynb #f3dcd88b
+# %% ../nbs/03a_lipschitz.ipynb #96551665
 def conv_as_matrix(conv: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     "The linear part of `conv` on inputs of shape `input_shape` (C, *spatial) as an explicit (out, in) matrix."
     n = math.prod(input_shape)
@@ -130,7 +131,7 @@ def conv_as_matrix(conv: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     out = fn(eye, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     return out.reshape(n, -1).t()
 
-# %% ../nbs/03a_lipschitz.ipynb #1c6c1be7
+# %% ../nbs/03a_lipschitz.ipynb #e0dd860b
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _weight_bound(mod, w, shape) -> float:
@@ -144,7 +145,7 @@ def _weight_bound(mod, w, shape) -> float:
 @_rule((nn.Linear, *_CONV))
 def _linear_layer(mod, shape): return _weight_bound(mod, mod.weight.detach().double(), shape), _out_shape(mod, shape)
 
-# %% ../nbs/03a_lipschitz.ipynb #d2270972
+# %% ../nbs/03a_lipschitz.ipynb #fc4032c8
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def _bn_scale(bn) -> torch.Tensor:
@@ -158,7 +159,7 @@ def _bn_scale(bn) -> torch.Tensor:
 @_rule(_BN)
 def _batchnorm(mod, shape): return _bn_scale(mod).abs().max().item(), tuple(shape)
 
-# %% ../nbs/03a_lipschitz.ipynb #f9890948
+# %% ../nbs/03a_lipschitz.ipynb #8f94f28c
 _ACT = {nn.ReLU: 1., nn.ReLU6: 1., nn.Tanh: 1., nn.Sigmoid: .25, nn.Hardtanh: 1., nn.Softplus: 1.,
         nn.GELU: 1.13, nn.SiLU: 1.1, nn.Identity: 1., nn.Flatten: 1., nn.Dropout: 1., nn.Dropout1d: 1.,
         nn.Dropout2d: 1., nn.Dropout3d: 1., nn.Unflatten: 1.}
@@ -170,7 +171,7 @@ def _elu(mod, shape): return max(1., mod.alpha), tuple(shape)
 @_rule(lambda mod: type(mod) in _ACT)
 def _activation(mod, shape): return _ACT[type(mod)], _out_shape(mod, shape)
 
-# %% ../nbs/03a_lipschitz.ipynb #1aa8000e
+# %% ../nbs/03a_lipschitz.ipynb #64789373
 def _pool_dims(mod) -> int: return {1: 1, 2: 2, 3: 3}[int(type(mod).__name__[-2])]
 def _pool_cover(k, s, dl=1): return min(k, -(-(dl * (k - 1) + 1) // s))
 
@@ -180,7 +181,7 @@ def _maxpool(mod, shape):
     k, s, dl = _ntuple(mod.kernel_size, d), _ntuple(mod.stride or mod.kernel_size, d), _ntuple(mod.dilation, d)
     return math.sqrt(math.prod(_pool_cover(k[i], s[i], dl[i]) for i in range(d))), _out_shape(mod, shape)
 
-# %% ../nbs/03a_lipschitz.ipynb #3ddf7feb
+# %% ../nbs/03a_lipschitz.ipynb #e096bb91
 @_rule((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
 def _avgpool(mod, shape):
     d = _pool_dims(mod); out = _out_shape(mod, shape)
@@ -192,7 +193,7 @@ def _avgpool(mod, shape):
     cover = math.prod(_pool_cover(k[i], s[i]) for i in range(d))            # conservative general case
     return math.sqrt(cover * math.prod(k)) / (div or 1), out
 
-# %% ../nbs/03a_lipschitz.ipynb #2228f054
+# %% ../nbs/03a_lipschitz.ipynb #263e7381
 def _adaptive_factors(n, o):
     "Per-dim (max_q Σ_{windows i ∋ q} 1/|w_i|, max_q #windows ∋ q) of adaptive pooling n → o."
     acc, cnt = [0.] * n, [0] * n
@@ -207,13 +208,14 @@ def _adaptive_pool(mod, shape):
     d = _pool_dims(mod); out = _out_shape(mod, shape); j = int('Max' in type(mod).__name__)
     return math.sqrt(math.prod(_adaptive_factors(shape[-d:][i], out[-d:][i])[j] for i in range(d))), out
 
-# %% ../nbs/03a_lipschitz.ipynb #2aea2770
+# %% ../nbs/03a_lipschitz.ipynb #3a9b6c36
 def _folded_bound(mod, bn, shape) -> float:
     "Bound of Linear/ConvNd `mod` followed by BatchNorm `bn`: the norm of diag(γ/√(σ²+ε)) W."
     w, sc = mod.weight.detach().double(), _bn_scale(bn)
     if len(sc) != w.shape[0]: raise ValueError(f'cannot fold {type(bn).__name__}({len(sc)}) into {mod}')
     return _weight_bound(mod, w * sc.reshape(-1, *[1] * (w.dim() - 1)), shape)
 
+# %% ../nbs/03a_lipschitz.ipynb #d05fbb4d
 def _seq(mods, shape):
     "Product of the bounds along `mods`, each Linear/ConvNd + BatchNorm pair folded; (L, output shape)."
     L, mods, i = 1., list(mods), 0
@@ -226,7 +228,7 @@ def _seq(mods, shape):
 
 _rule(nn.Sequential)(_seq)
 
-# %% ../nbs/03a_lipschitz.ipynb #259dbea1
+# %% ../nbs/03a_lipschitz.ipynb #b245def9
 def _resnet_parts(mod):
     "torchvision ResNet pieces (branch, skip, 'block' | 'net'), or None if `mod` is not one."
     try: from torchvision.models import resnet as tvr
@@ -238,6 +240,7 @@ def _resnet_parts(mod):
     if isinstance(mod, tvr.ResNet): return _resnet_layers(mod), None, 'net'
     return None
 
+# %% ../nbs/03a_lipschitz.ipynb #171b418e
 @_rule(lambda mod: _resnet_parts(mod) is not None)
 def _resnet(mod, shape):
     branch, skip, kind = _resnet_parts(mod)
@@ -245,7 +248,7 @@ def _resnet(mod, shape):
     Lb, out = _seq(branch, shape)
     return Lb + (_seq([skip], shape)[0] if skip is not None else 1.), out
 
-# %% ../nbs/03a_lipschitz.ipynb #c790bfed
+# %% ../nbs/03a_lipschitz.ipynb #fda03ffd
 def _resnet_layers(mod) -> list:
     "The layers of a torchvision ResNet in order: stem, layer1..4, then avgpool / fc when present."
     tail = [nn.Flatten(), mod.fc] if hasattr(mod, 'fc') else []

@@ -135,6 +135,7 @@ class ClipError(RuntimeError):
     def __init__(self, clip_id: str, reason: str):
         super().__init__(f'clip {clip_id}: {reason}'); self.clip_id, self.reason = clip_id, reason
 
+# %% ../nbs/01b_paper_data.ipynb #bff9d954
 def select_frames(n: int, train: bool, generator: torch.Generator | None = None, n_pick: int = 3,
                   official: bool = False) -> list[int]:
     "1-based frame indices, one per segment of `n // n_pick` frames: uniform in it (train) or its middle (test)."
@@ -147,7 +148,7 @@ def select_frames(n: int, train: bool, generator: torch.Generator | None = None,
         return [min(x, 9) for x in t] if official else t
     return [i * seg + max(seg // 2, 1) for i in range(n_pick)]
 
-# %% ../nbs/01b_paper_data.ipynb #4bdc1300
+# %% ../nbs/01b_paper_data.ipynb #5e21aeac
 def read_jpeg(path: Path, clip_id: str, grey: bool = False) -> torch.Tensor:
     "uint8 (C,H,W) of one JPEG frame (PIL); `ClipError` naming the clip if it is missing or unreadable."
     try:
@@ -157,12 +158,13 @@ def read_jpeg(path: Path, clip_id: str, grey: bool = False) -> torch.Tensor:
     x = torch.from_numpy(a.copy())
     return x.unsqueeze(0) if grey else x.permute(2, 0, 1)
 
+# %% ../nbs/01b_paper_data.ipynb #213a987a
 def write_jpeg(path: Path, x: torch.Tensor, quality: int = 95) -> None:
     "Write uint8 (C,H,W), C = 1 or 3, as a JPEG (PIL)."
     a = x.numpy()
     Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).save(path, format='JPEG', quality=quality)
 
-# %% ../nbs/01b_paper_data.ipynb #bfbde9ec
+# %% ../nbs/01b_paper_data.ipynb #fa6ea46e
 def check_spectrogram(path: Path, clip_id: str, shape=(AUDIO_FRAMES, N_MELS)) -> None:
     "Check the `.npy` header of a spectrogram: exists, float, `shape`."
     try: a = np.load(path, mmap_mode='r')              # header only (a truncated file fails here too)
@@ -172,6 +174,7 @@ def check_spectrogram(path: Path, clip_id: str, shape=(AUDIO_FRAMES, N_MELS)) ->
     if tuple(s) != tuple(shape): raise ClipError(clip_id, f'spectrogram {path} has shape {tuple(s)}, expected {tuple(shape)}')
     if dt.kind != 'f': raise ClipError(clip_id, f'spectrogram {path} has dtype {dt}, expected float')
 
+# %% ../nbs/01b_paper_data.ipynb #262306e2
 def load_spectrogram(path: Path, clip_id: str, shape=(AUDIO_FRAMES, N_MELS)) -> torch.Tensor:
     "float32 (1, 1024, 128) from a `.npy`; `ClipError` on a missing/corrupt file, wrong shape or non-finite values."
     check_spectrogram(path, clip_id, shape)
@@ -181,7 +184,7 @@ def load_spectrogram(path: Path, clip_id: str, shape=(AUDIO_FRAMES, N_MELS)) -> 
     if not torch.isfinite(x).all(): raise ClipError(clip_id, f'spectrogram {path} has non-finite values')
     return x.unsqueeze(0)
 
-# %% ../nbs/01b_paper_data.ipynb #7745dff3
+# %% ../nbs/01b_paper_data.ipynb #929ef278
 def rrc_params(h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None) -> tuple[int, int, int, int]:
     "(top, left, height, width) of a random resized crop: area fraction ~ U(scale), log aspect ~ U(log ratio)."
     area = h * w
@@ -201,7 +204,7 @@ def rrc_params(h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generato
     else: cw, ch = w, h
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
-# %% ../nbs/01b_paper_data.ipynb #627d57c6
+# %% ../nbs/01b_paper_data.ipynb #df378a57
 def _draw_augmentation(x, crop: bool, generator) -> tuple:
     "One training frame's random (crop box (top, left, h, w) or None, flip)."
     box = rrc_params(x.shape[-2], x.shape[-1], generator=generator) if crop else None
@@ -216,7 +219,7 @@ def _apply_augmentation(x, p, size: int, flow_u: int | None):
         if flow_u is not None: x[flow_u] = 255 - x[flow_u]
     return x
 
-# %% ../nbs/01b_paper_data.ipynb #58c04cb9
+# %% ../nbs/01b_paper_data.ipynb #f6f924c0
 def augment_frames(frames: Sequence[torch.Tensor], train: bool, size: int = 224, crop: bool = True,
                    clip_consistent: bool = False, generator=None, flow_u: int | None = None) -> torch.Tensor:
     """uint8 frames [(C,H,W)] → float (C,T,size,size) in [0,1]. Train: random resized crop (if `crop`, else resize)
@@ -226,7 +229,7 @@ def augment_frames(frames: Sequence[torch.Tensor], train: bool, size: int = 224,
     out = [_apply_augmentation(x, p0 if clip_consistent else draw(x), size, flow_u) for x in frames]
     return torch.stack(out, 1).float().div_(255)
 
-# %% ../nbs/01b_paper_data.ipynb #7677425e
+# %% ../nbs/01b_paper_data.ipynb #53872410
 def _write_random_frames(folder: Path, ts, shape, g) -> None:
     "Random uint8 JPEG frames `ts` of `shape` (C, H, W) in `folder` (made if needed)."
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,7 +244,7 @@ def _write_clip(d: Path, cid: str, second: str, n_frames: int, hw, g) -> None:
     else:
         for c in 'uv': _write_random_frames(d / 'flow' / cid / c, range(1, n_frames), (1, *hw), g)
 
-# %% ../nbs/01b_paper_data.ipynb #559edec8
+# %% ../nbs/01b_paper_data.ipynb #eadf9f71
 def make_fixture(root: str | Path, name: str = 'ks', n_clips: int = 4, n_frames: int = 10, hw=(36, 48),
                  n_classes: int | None = None, seed: int = 0) -> Path:
     "Write a tiny random dataset in the layout under `root/<folder>` (for tests and demos); returns that folder."
@@ -256,7 +259,7 @@ def make_fixture(root: str | Path, name: str = 'ks', n_clips: int = 4, n_frames:
         (d / 'lists' / f'{split}.txt').write_text(''.join(f'{c} {i % K}\n' for i, c in enumerate(part)))
     return d
 
-# %% ../nbs/01b_paper_data.ipynb #1f40f55f
+# %% ../nbs/01b_paper_data.ipynb #23468964
 def _check_frames(root: Path, cid: str) -> int:
     "Number n of RGB frames of clip `cid`, checked: at least 3, numbered 1..n without holes."
     ts = frame_numbers(root / 'frames' / cid); n = len(ts)
@@ -271,7 +274,7 @@ def _check_flow(root: Path, cid: str) -> int:
     if nu < 3: raise ClipError(cid, f'{nu} flow frames in {root / "flow" / cid}, need at least 3')
     return nu
 
-# %% ../nbs/01b_paper_data.ipynb #3e07a5c9
+# %% ../nbs/01b_paper_data.ipynb #926d7478
 def _decode_clip(root: Path, cid: str, second: str, n: int, nf: int) -> None:
     "Read every RGB frame and the spectrogram (or every flow pair) of clip `cid`: `ClipError` if one is unreadable."
     for t in range(1, n + 1): read_jpeg(root / 'frames' / cid / frame_name(t), cid)
@@ -280,6 +283,7 @@ def _decode_clip(root: Path, cid: str, second: str, n: int, nf: int) -> None:
         for t in range(1, nf + 1):
             for c in 'uv': read_jpeg(root / 'flow' / cid / c / frame_name(t), cid, grey=True)
 
+# %% ../nbs/01b_paper_data.ipynb #7b24693a
 def _check_clip(root: Path, cid: str, second: str, full: bool = False) -> tuple[int, int]:
     "(n_rgb, n_flow) of clip `cid` (n_flow = 0 with audio) after the cheap checks; `full`: decode everything too."
     n, nf = _check_frames(root, cid), 0
@@ -288,7 +292,7 @@ def _check_clip(root: Path, cid: str, second: str, full: bool = False) -> tuple[
     if full: _decode_clip(root, cid, second, n, nf)
     return n, nf
 
-# %% ../nbs/01b_paper_data.ipynb #87a9faee
+# %% ../nbs/01b_paper_data.ipynb #cff0e2b3
 def _scan_clips(root: Path, entries, second: str, full: bool) -> tuple[list, dict]:
     "Check every clip of `entries`: ([(clip_id, label, n_rgb, n_flow)] of the usable ones, {clip_id: reason} of the others)."
     ok, skipped = [], {}
@@ -299,6 +303,7 @@ def _scan_clips(root: Path, entries, second: str, full: bool) -> tuple[list, dic
         except ClipError as e: skipped[cid] = e.reason
     return ok, skipped
 
+# %% ../nbs/01b_paper_data.ipynb #712a1266
 def _report_unusable(name: str, skipped: dict, n: int, on_error: str) -> None:
     head = '; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:5])
     more = f' (and {len(skipped) - 5} more)' if len(skipped) > 5 else ''
@@ -306,7 +311,7 @@ def _report_unusable(name: str, skipped: dict, n: int, on_error: str) -> None:
     if on_error == 'raise': raise ClipError(next(iter(skipped)), msg + " (pass on_error='skip' to drop them)")
     warnings.warn(msg + ' — skipped', stacklevel=3)
 
-# %% ../nbs/01b_paper_data.ipynb #e58d295a
+# %% ../nbs/01b_paper_data.ipynb #fbd5d0e4
 def _clip_spec(name: str, on_error: str, check: str) -> PaperDataset:
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if check not in ('files', 'full'): raise ValueError(f"check must be 'files' or 'full', got {check!r}")
@@ -314,7 +319,7 @@ def _clip_spec(name: str, on_error: str, check: str) -> PaperDataset:
     if s.name == 'cifar10': raise ValueError('cifar10 is not a clip dataset: use cifar10_splits')
     return s
 
-# %% ../nbs/01b_paper_data.ipynb #09d91cd7
+# %% ../nbs/01b_paper_data.ipynb #5d54713e
 class ClipDataset(Dataset):
     "Clips of one split list of a paper dataset; items `((x_visual, x_audio|x_flow), label)`."
     def __init__(self, name: str, root: str | Path, entries: Sequence[tuple[str, int]], train: bool = False,
@@ -332,7 +337,7 @@ class ClipDataset(Dataset):
         if self.skipped: _report_unusable(s.name, self.skipped, len(entries), on_error)
     def __len__(self): return len(self.ids)
 
-# %% ../nbs/01b_paper_data.ipynb #606a0599
+# %% ../nbs/01b_paper_data.ipynb #85e1a9d9
 @patch(as_prop=True)
 def n_classes(self: ClipDataset): return self._k
 @patch(as_prop=True)
@@ -342,7 +347,7 @@ def shapes(self: ClipDataset):
 @patch(as_prop=True)
 def y(self: ClipDataset): return torch.tensor(self.labels, dtype=torch.long)
 
-# %% ../nbs/01b_paper_data.ipynb #75061fb8
+# %% ../nbs/01b_paper_data.ipynb #60553437
 def _rgb_frames(n: int, train: bool, generator, official: bool, ucf: bool) -> list[int]:
     "The RGB frames of a clip of `n` frames (UCF101 official: among the first 6; the KS quirks only for KS/VGGSound)."
     if ucf: return select_frames(min(n, 6) if official else n, train, generator)
@@ -355,7 +360,7 @@ def _read_flow(root: Path, cid: str, ts) -> list:
     "uint8 (2, H, W) (u, v) pairs of the flow frames `ts`."
     return [torch.cat([read_jpeg(root / 'flow' / cid / c / frame_name(t), cid, grey=True) for c in 'uv']) for t in ts]
 
-# %% ../nbs/01b_paper_data.ipynb #6e05af06
+# %% ../nbs/01b_paper_data.ipynb #b54b76d4
 @patch
 def load(self: ClipDataset, i: int):
     "Item `i` or a `ClipError` naming its clip."
@@ -367,7 +372,7 @@ def load(self: ClipDataset, i: int):
     fl = _read_flow(self.root, cid, select_frames(self.n_flow[i], self.train, g))
     return (xv, augment_frames(fl, crop=False, flow_u=None if self.official else 0, **aug)), self.labels[i]
 
-# %% ../nbs/01b_paper_data.ipynb #1b2d00dd
+# %% ../nbs/01b_paper_data.ipynb #0e07b41d
 @patch
 def __getitem__(self: ClipDataset, i):
     i = int(i)
@@ -380,7 +385,7 @@ def __getitem__(self: ClipDataset, i):
             warnings.warn(f'{self.spec.name}: {e} — using the next clip of the list instead', stacklevel=2)
     raise ClipError(self.ids[i], 'this clip and the next ones are all unreadable')
 
-# %% ../nbs/01b_paper_data.ipynb #a0b2eefd
+# %% ../nbs/01b_paper_data.ipynb #819bde5b
 @patch
 def subset(self: ClipDataset, idx, train: bool | None = None) -> 'ClipDataset':
     "The clips at `idx` (no re-check), optionally with another `train` flag (e.g. a validation slice)."
@@ -396,7 +401,7 @@ def head(self: ClipDataset, n: int | None) -> 'ClipDataset':
     "The first `n` clips (all when `n` is None)."
     return self if n is None or n >= len(self) else self.subset(range(n))
 
-# %% ../nbs/01b_paper_data.ipynb #a76fde9e
+# %% ../nbs/01b_paper_data.ipynb #7f02ffa2
 @patch
 def loader(self: ClipDataset, batch_size: int = 64, shuffle: bool = False, generator: torch.Generator | None = None,
            drop_last: bool = False, pin_memory: bool = False, num_workers: int = 0) -> DataLoader:
@@ -411,7 +416,7 @@ def __repr__(self: ClipDataset):
     return (f'ClipDataset({self.spec.name}, n={len(self)}, train={self.train}, skipped={len(self.skipped)}, '
             + ', '.join(f'{n}{list(s)}' for n, s in zip(self.names, self.shapes)) + ')')
 
-# %% ../nbs/01b_paper_data.ipynb #9e61ed64
+# %% ../nbs/01b_paper_data.ipynb #d2b6cc08
 def _n_classes(root: Path, s: PaperDataset) -> int:
     "K: the non-empty lines of the dataset's `classes.txt` if it has one, else the paper's count."
     f = root / 'classes.txt'
@@ -427,7 +432,7 @@ def _read_lists(name: str, root: Path, val: str, k: int) -> dict:
         if not lists[split]: raise missing_data(name, p, 'lists no clips')
     return lists
 
-# %% ../nbs/01b_paper_data.ipynb #db4b8ef0
+# %% ../nbs/01b_paper_data.ipynb #3a00e474
 def clip_splits(name: str, data_root, val: str = 'holdout', val_fraction: float = 0.1, seed: int = 0,
                 on_error: str = 'raise', clip_consistent: bool = False, official: bool = False, size: int = 224,
                 check: str = 'files') -> DataSplits:
@@ -447,7 +452,7 @@ def clip_splits(name: str, data_root, val: str = 'holdout', val_fraction: float 
         train, valid = train.subset(tr.sort().values), train.subset(va.sort().values, train=False)
     return DataSplits(s.name, train, valid, test)
 
-# %% ../nbs/01b_paper_data.ipynb #cca444ab
+# %% ../nbs/01b_paper_data.ipynb #e197e59c
 def _crop_flip(x, pad: int, g):
     "RandomCrop(size, padding=pad) with zero padding, then a horizontal flip with probability ½ (soe-spec §2.4)."
     h, w = x.shape[1:]
@@ -456,7 +461,7 @@ def _crop_flip(x, pad: int, g):
     x = xp[:, t:t + h, l:l + w]
     return x.flip(-1) if torch.rand(1, generator=g) < 0.5 else x
 
-# %% ../nbs/01b_paper_data.ipynb #57179d49
+# %% ../nbs/01b_paper_data.ipynb #a679fbb7
 class ImageDataset(Dataset):
     "Single-modality image dataset over uint8 (N,H,W,C) arrays; items `((x,), y)` with x (C,H,W) in [0,1]."
     def __init__(self, data: np.ndarray, labels, train: bool = False, name: str = 'cifar10', n_classes: int = 10,
@@ -475,7 +480,7 @@ class ImageDataset(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(self.data[int(i)])).permute(2, 0, 1).float().div_(255)
         return (_crop_flip(x, self.pad, self.generator) if self.train else x,), self.labels[int(i)]
 
-# %% ../nbs/01b_paper_data.ipynb #7add942b
+# %% ../nbs/01b_paper_data.ipynb #4ad36ec4
 @patch
 def subset(self: ImageDataset, idx, train: bool | None = None) -> 'ImageDataset':
     idx = np.asarray(idx, dtype=np.int64)
@@ -487,7 +492,7 @@ ImageDataset.loader = ClipDataset.loader
 @patch
 def __repr__(self: ImageDataset): return f'ImageDataset({self.spec_name}, n={len(self)}, train={self.train}, image{list(self.shapes[0])})'
 
-# %% ../nbs/01b_paper_data.ipynb #f656f311
+# %% ../nbs/01b_paper_data.ipynb #cdd7e53f
 def cifar10_splits(data_root, val: str = 'holdout', val_fraction: float = 0.1, seed: int = 0) -> DataSplits:
     "CIFAR-10 from `data_root` (`cifar-10-batches-py` in it or in `data_root/cifar10`) via torchvision, no download."
     import torchvision
@@ -508,7 +513,7 @@ def cifar10_splits(data_root, val: str = 'holdout', val_fraction: float = 0.1, s
         train, valid = train.subset(a.sort().values.numpy()), train.subset(b.sort().values.numpy(), train=False)
     return DataSplits('cifar10', train, valid, test)
 
-# %% ../nbs/01b_paper_data.ipynb #5a040780
+# %% ../nbs/01b_paper_data.ipynb #4a3e7cb9
 def paper_splits(dataset: str, data_root, val: str = 'holdout', val_fraction: float = 0.1, seed: int = 0,
                  **kw) -> DataSplits:
     """`DataSplits` of a paper dataset ('ks', 'vggsound', 'ucf101', 'cifar10') under `data_root`.
