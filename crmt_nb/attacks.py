@@ -62,6 +62,7 @@ def _clamp(x: torch.Tensor, box) -> torch.Tensor:
         lo = None if lo is None else torch.as_tensor(lo).to(x); hi = None if hi is None else torch.as_tensor(hi).to(x)
     return x.clamp(lo, hi)
 
+# %% ../nbs/05_attacks.ipynb #0d45c7b5
 def _check_in_box(xs, boxes, which, tol: float = 1e-5):
     "The clean inputs must be in their boxes (else clamping could *grow* the perturbation beyond eps)."
     for m in which:
@@ -71,12 +72,12 @@ def _check_in_box(xs, boxes, which, tol: float = 1e-5):
             raise ValueError(f'modality {m} has values outside its box {boxes[m]} (by {v:.3g}); clamp the clean '
                              f'input into the box first, or pass boxes[{m}]=None if it has no valid range')
 
-# %% ../nbs/05_attacks.ipynb #b6aa4b45
+# %% ../nbs/05_attacks.ipynb #9abc21b9
 def _mode(model, eval_mode: bool = True):
     "`core.eval_mode(model)` for the attack, or the caller's own mode (`eval_mode=False`)."
     return core.eval_mode(model) if eval_mode else contextlib.nullcontext()
 
-# %% ../nbs/05_attacks.ipynb #f5d60be4
+# %% ../nbs/05_attacks.ipynb #eed9eea9
 def _sqnorm(t: torch.Tensor) -> torch.Tensor:
     "Per-sample squared l2 norm over all non-batch dims, (B,)."
     return t.reshape(t.shape[0], -1).square().sum(1)
@@ -90,7 +91,7 @@ def _bv(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     "View a (B,) tensor so that it broadcasts against `t` of any rank."
     return v.view(-1, *[1] * (t.dim() - 1))
 
-# %% ../nbs/05_attacks.ipynb #8d478e15
+# %% ../nbs/05_attacks.ipynb #ca29e6a2
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "h_y − max_{k≠y} h_k per sample (> 0 ⇔ correctly classified)."
     zy = logits.gather(1, y[:, None]).squeeze(1)
@@ -103,13 +104,14 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = 'ce') -> torc
     if loss == 'margin': return (-_margin(logits, y)).sum()
     raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
 
-# %% ../nbs/05_attacks.ipynb #3e86dbec
+# %% ../nbs/05_attacks.ipynb #f3eb5b1f
 def _scalar_eps(eps) -> float:
     "`eps` as a float, checked finite and >= 0."
     e = float(eps)
     if not (e >= 0 and math.isfinite(e)): raise ValueError(f'eps must be a finite number >= 0, got {eps}')
     return e
 
+# %% ../nbs/05_attacks.ipynb #885a2f77
 def _budget(eps, M: int) -> tuple[bool, object]:
     "`(joint, eps)`: a float → one joint ball; a sequence of M floats → per-modality balls."
     if isinstance(eps, (int, float)) or (isinstance(eps, torch.Tensor) and eps.dim() == 0):
@@ -120,7 +122,7 @@ def _budget(eps, M: int) -> tuple[bool, object]:
     if not all(v >= 0 and math.isfinite(v) for v in e): raise ValueError(f'eps must be finite and >= 0, got {e}')
     return False, e
 
-# %% ../nbs/05_attacks.ipynb #de92b94a
+# %% ../nbs/05_attacks.ipynb #b9726986
 def _attacked(modalities, M: int, eps_per=None) -> list:
     "Sorted indices of the attacked modalities (and, for per-modality budgets, with eps_m > 0)."
     if modalities is None: att = list(range(M))
@@ -131,7 +133,7 @@ def _attacked(modalities, M: int, eps_per=None) -> list:
     if len(set(att)) != len(att): raise ValueError(f'modalities has duplicates: {att}')
     return sorted(m for m in att if eps_per is None or eps_per[m] > 0)
 
-# %% ../nbs/05_attacks.ipynb #af5bb024
+# %% ../nbs/05_attacks.ipynb #5e155d61
 def _alphas(alpha, joint: bool, e, steps: int, M: int):
     "Step size(s); default 2.5·eps/steps (Madry et al.'s rule). Per-modality: one per modality."
     if joint:
@@ -144,11 +146,12 @@ def _alphas(alpha, joint: bool, e, steps: int, M: int):
     if len(a) != M: raise ValueError(f'per-modality alpha needs one step size per modality, got {len(a)} for {M}')
     return a
 
+# %% ../nbs/05_attacks.ipynb #f11a005f
 def _steps(steps) -> int:
     if int(steps) != steps or steps < 0: raise ValueError(f'steps must be an integer >= 0, got {steps}')
     return int(steps)
 
-# %% ../nbs/05_attacks.ipynb #297dda86
+# %% ../nbs/05_attacks.ipynb #72961610
 def _ascend(xa, x0, g, alpha, joint: bool):
     "δ + α·g/‖g‖ (joint or per-modality normalisation), as a list of perturbations."
     if joint:
@@ -156,6 +159,7 @@ def _ascend(xa, x0, g, alpha, joint: bool):
         return [(a - x).add_(t * _bv(n, t)) for a, x, t in zip(xa, x0, g)]
     return [(a - x).add_(t * _bv(al / _jnorm([t]).clamp_min(_TINY), t)) for a, x, t, al in zip(xa, x0, g, alpha)]
 
+# %% ../nbs/05_attacks.ipynb #8f5b1899
 def _project_l2(d, e, joint: bool):
     "δ·min(1, ε/‖δ‖) onto the joint ball (float ε) or each modality's ball (list of ε_m)."
     if joint:
@@ -163,7 +167,7 @@ def _project_l2(d, e, joint: bool):
         return [t.mul_(_bv(f, t)) for t in d]
     return [t.mul_(_bv((em / _jnorm([t]).clamp_min(_TINY)).clamp(max=1.0), t)) for t, em in zip(d, e)]
 
-# %% ../nbs/05_attacks.ipynb #1aa8e66f
+# %% ../nbs/05_attacks.ipynb #e1fa1856
 def _l2_start(x0, e, joint: bool, generator):
     "A uniform draw from the ball (joint or per modality): direction ~ N(0, I), radius ε·U^{1/D}."
     g = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -180,7 +184,7 @@ def _l2_start(x0, e, joint: bool, generator):
         out.append(t * _bv(r / _sqnorm(t).sqrt().clamp_min(_TINY), t))
     return out
 
-# %% ../nbs/05_attacks.ipynb #9c316c62
+# %% ../nbs/05_attacks.ipynb #52630b79
 def _merge(full, att, parts) -> tuple:
     "`full` with modality att[i] replaced by parts[i]."
     out = list(full)
@@ -192,7 +196,7 @@ def _grad(model, full, att, xa, y, loss):
     xa = [t.detach().requires_grad_(True) for t in xa]
     return xa, torch.autograd.grad(attack_loss(logits_of(model(*_merge(full, att, xa))), y, loss), xa)
 
-# %% ../nbs/05_attacks.ipynb #670ad8fc
+# %% ../nbs/05_attacks.ipynb #4759f111
 def _setup(xs, y, eps, modalities, boxes):
     "The checked arguments of an l2 attack: (xs, single, y, joint, eps, attacked, boxes)."
     xs, single = _pack(xs)
@@ -203,7 +207,7 @@ def _setup(xs, y, eps, modalities, boxes):
     _check_in_box(xs, boxes, att)
     return xs, single, y, joint, e, att, boxes
 
-# %% ../nbs/05_attacks.ipynb #e3e781b9
+# %% ../nbs/05_attacks.ipynb #ff62eb47
 def fgm(model, xs, y, eps, modalities=None, boxes=None, loss: str = 'ce', eval_mode: bool = True):
     "Fast gradient method in l2: x + ε·g/‖g‖ (joint normalisation for a float `eps`, per modality for a sequence), clamped."
     xs, single, y, joint, e, att, boxes = _setup(xs, y, eps, modalities, boxes)
@@ -215,7 +219,7 @@ def fgm(model, xs, y, eps, modalities=None, boxes=None, loss: str = 'ce', eval_m
         d = _ascend(x0, x0, g, e, joint)
         return _unpack(_merge(full, att, [_clamp(x + t, boxes[m]) for m, x, t in zip(att, x0, d)]), single)
 
-# %% ../nbs/05_attacks.ipynb #cb52036b
+# %% ../nbs/05_attacks.ipynb #012aebbc
 def _l2_iteration(model, full, att, x0, xa, y, loss, alpha, eps, joint: bool, boxes):
     "x_{t+1} = clip_box(x + Π_ε(x_t + α g/‖g‖ − x)) for the attacked modalities."
     with torch.enable_grad(): xa, g = _grad(model, full, att, xa, y, loss)
@@ -223,7 +227,7 @@ def _l2_iteration(model, full, att, x0, xa, y, loss, alpha, eps, joint: bool, bo
         d = _project_l2(_ascend(xa, x0, g, alpha, joint), eps, joint)
         return [_clamp(x + t, b) for x, t, b in zip(x0, d, boxes)]
 
-# %% ../nbs/05_attacks.ipynb #f1deda27
+# %% ../nbs/05_attacks.ipynb #6aea2cb1
 def pgd_l2(model, xs, y, eps, steps: int = 10, alpha=None, modalities=None, boxes=None, random_start: bool = False,
            generator: torch.Generator | None = None, loss: str = 'ce', eval_mode: bool = True):
     "l2-PGD on a tuple of modalities: joint ball (float `eps`) or per-modality balls (sequence); returns the last iterate."
@@ -239,7 +243,7 @@ def pgd_l2(model, xs, y, eps, steps: int = 10, alpha=None, modalities=None, boxe
         for _ in range(steps): xa = _l2_iteration(model, full, att, x0, xa, y, loss, aa, ea, joint, bx)
     return _unpack(_merge(full, att, [t.detach() for t in xa]), single)
 
-# %% ../nbs/05_attacks.ipynb #025aa002
+# %% ../nbs/05_attacks.ipynb #d4c6008c
 def drop_modality(xs, m) -> tuple:
     "The batch with modality `m` (an index or a sequence of indices) replaced by zeros (missing-modality evaluation)."
     xs = tuple(xs)
@@ -248,7 +252,7 @@ def drop_modality(xs, m) -> tuple:
     if bad: raise ValueError(f'modality {bad} out of range for a batch of {len(xs)} modalities')
     return tuple(torch.zeros_like(x) if i in ms else x for i, x in enumerate(xs))
 
-# %% ../nbs/05_attacks.ipynb #f3882141
+# %% ../nbs/05_attacks.ipynb #2a63ff79
 def _linf_start(x0, e: float, boxes, random_start, generator):
     "x₀ = x (False), clip(x + U(−ε, ε)) (True, advertorch rand_init), or x + clip(σ·N(0, I), ±ε) (a float σ, SoE)."
     if random_start is False or random_start is None: return list(x0)
@@ -259,7 +263,7 @@ def _linf_start(x0, e: float, boxes, random_start, generator):
     s = float(random_start)
     return [x + (s * torch.randn(x.shape, generator=g, device=g.device).to(x)).clamp(-e, e) for x in x0]
 
-# %% ../nbs/05_attacks.ipynb #0125b7c1
+# %% ../nbs/05_attacks.ipynb #abc6ebc2
 def pgd_linf(model, xs, y, eps: float, steps: int = 10, alpha: float | None = None, boxes=None,
              random_start: bool | float = False, generator: torch.Generator | None = None, loss: str = 'ce',
              eval_mode: bool = True):
@@ -278,7 +282,7 @@ def pgd_linf(model, xs, y, eps: float, steps: int = 10, alpha: float | None = No
                 xa = [_clamp(x + (t + a * gt.sign() - x).clamp(-e, e), b) for x, t, gt, b in zip(x0, xa, gr, boxes)]
     return _unpack(tuple(t.detach() for t in xa), single)
 
-# %% ../nbs/05_attacks.ipynb #6c31fb6c
+# %% ../nbs/05_attacks.ipynb #e54af03a
 def square_p(p_init: float, i: int, n_queries: int) -> float:
     "Fraction of pixels changed at query `i`: `p_init` halved at 10, 50, …, 8000 of 10 000 (rescaled)."
     it = int(i / n_queries * 10000)
@@ -288,7 +292,7 @@ def _square_side(p: float, H: int, W: int) -> int:
     "Window side s = round(√(p·H·W)), at least 1 and at most min(H, W) − 1."
     return min(max(int(round(math.sqrt(p * H * W))), 1), max(min(H, W) - 1, 1))
 
-# %% ../nbs/05_attacks.ipynb #52d37710
+# %% ../nbs/05_attacks.ipynb #6b2e6058
 def _signs(shape, g, like) -> torch.Tensor:
     return (2 * torch.randint(0, 2, shape, generator=g, device=g.device) - 1).to(like)
 
@@ -299,7 +303,7 @@ def _square_windows(n: int, s: int, H: int, W: int, g, dev) -> torch.Tensor:
     vw = torch.randint(0, W - s + 1, (n,), generator=g, device=g.device).to(dev)[:, None]
     return (((rows >= vh) & (rows < vh + s))[:, :, None] & ((cols >= vw) & (cols < vw + s))[:, None, :])[:, None]
 
-# %% ../nbs/05_attacks.ipynb #9104b6d0
+# %% ../nbs/05_attacks.ipynb #bca2b13a
 def _square_query(margin, x, y, xb, mb, e: float, box, s: int, g) -> bool:
     "One random-search query; updates xb, mb in place. False when no sample is left to attack."
     idx = (mb > 0).nonzero().squeeze(1)
@@ -313,7 +317,7 @@ def _square_query(margin, x, y, xb, mb, e: float, box, s: int, g) -> bool:
     xb[idx] = torch.where(_bv(better, xn), xn, xbc)
     return True
 
-# %% ../nbs/05_attacks.ipynb #67140c25
+# %% ../nbs/05_attacks.ipynb #3c190b95
 def _square_input(xs, y, eps, n_queries: int, p_init: float, boxes):
     "The checked arguments of `square_linf`: (x, y, eps, box, single)."
     xs, single = _pack(xs)
@@ -325,7 +329,7 @@ def _square_input(xs, y, eps, n_queries: int, p_init: float, boxes):
     box = _boxes(boxes, 1, single)[0]; _check_in_box((x,), (box,), [0])
     return x, y, e, box, single
 
-# %% ../nbs/05_attacks.ipynb #4e605fb9
+# %% ../nbs/05_attacks.ipynb #c51dfddb
 def square_linf(model, xs, y, eps: float, n_queries: int = 5000, p_init: float = 0.8, boxes=None,
                 generator: torch.Generator | None = None, eval_mode: bool = True):
     "Square Attack (l∞, margin loss, random search over s×s windows); images (B,C,H,W); returns the best iterate."
@@ -340,7 +344,7 @@ def square_linf(model, xs, y, eps: float, n_queries: int = 5000, p_init: float =
             if not _square_query(margin, x, y, xb, mb, e, box, _square_side(square_p(p_init, i, n_queries), *x.shape[2:]), g): break
     return _unpack((xb,), single)
 
-# %% ../nbs/05_attacks.ipynb #571a8df2
+# %% ../nbs/05_attacks.ipynb #6a03ea45
 def robust_accuracy(model, xs, y, attack: Callable | None = None, **kw) -> float:
     "Fraction of the batch still classified correctly after `attack(model, xs, y, **kw)` (clean accuracy if None)."
     adv = attack(model, xs, y, **kw) if attack is not None else xs
