@@ -5,8 +5,8 @@ import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import fastcore.test as fct
 from crmt_nb.models import JointModel, MLP, SmallCNN, joint_model
 from crmt_nb.bounds import (margins, integration_factors, certified_radius, unimodal_certified_radius,
-                            empirical_lipschitz, empirical_radius, lipschitz_upper, vulnerability,
-                            conv_norm_upper, conv_as_matrix, pair_factors)
+                            empirical_lipschitz, empirical_radius, lipschitz_upper, vulnerability, pair_factors)
+from crmt_nb.lipschitz import conv_norm_upper, conv_as_matrix
 
 HEADS = [('concat', 'rownorm'), ('orth', 'rownorm'), ('orth', 'orthonormal')]
 
