@@ -7,7 +7,7 @@ from __future__ import annotations
 import math, itertools
 from typing import Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
-from . import models as cm
+from . import models as cm, paper_models as pm
 from .core import eval_mode, num_threads
 
 # %% auto #0
@@ -255,11 +255,11 @@ def _resnet_layers(mod) -> list:
     tail = ([mod.avgpool] if hasattr(mod, 'avgpool') else []) + tail
     return [mod.conv1, mod.bn1, mod.relu, mod.maxpool, mod.layer1, mod.layer2, mod.layer3, mod.layer4, *tail]
 
-@_rule(getattr(cm, 'Normalize', ()))
+@_rule(cm.Normalize)
 def _normalize(mod, shape): return (1 / mod.std.detach().double().abs()).max().item(), tuple(shape)
-@_rule(getattr(cm, 'SpectrogramEncoder', ()))
+@_rule(pm.SpectrogramEncoder)
 def _spectrogram_encoder(mod, shape): return _seq([mod.norm, mod.trunk, mod.pool, nn.Flatten()], shape)
-@_rule(getattr(cm, 'ClipEncoder', ()))
+@_rule(pm.ClipEncoder)
 def _clip_encoder(mod, shape):
     "(C,T,H,W): normalise, the trunk on each frame (frames folded into the batch: same constant), 3-D pool."
     C, T, H, W = shape

@@ -193,14 +193,3 @@ class MMT(JointModel):
         z = self.out_norm(self.joint(torch.cat(toks, 1)))
         starts = [0, *itertools.accumulate(t.shape[1] for t in toks[:-1])]     # where each class token sits
         return tuple(z[:, s] for s in starts)
-
-# %% ../nbs/02_models.ipynb #023df951
-_MOVED_TO_PAPER_MODELS = ('IMAGENET_MEAN', 'IMAGENET_STD', 'FLOW_MEAN', 'FLOW_STD', 'MODALITIES', 'PAPER_DATASETS',
-                          'ResNet18Trunk', 'ClipEncoder', 'SpectrogramEncoder', 'resnet18_encoder', 'paper_model', 'mmt_model')
-
-def __getattr__(name):
-    "Deprecated location: the paper encoders moved to `crmt_nb.paper_models` (loaded on first use)."
-    if name in _MOVED_TO_PAPER_MODELS:
-        from crmt_nb import paper_models
-        return getattr(paper_models, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

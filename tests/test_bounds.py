@@ -468,9 +468,8 @@ def test_empirical_lipschitz_official():
 
 
 def test_paper_resnet_encoders_sound():
-    "The paper's ResNet-18 encoders of crmt_nb.models (normalise, per-frame trunk, pool) get a finite sound bound."
-    import crmt_nb.models as cm
-    if not hasattr(cm, 'resnet18_encoder'): pytest.skip('crmt_nb.models has no resnet18_encoder yet')
+    "The paper's ResNet-18 encoders of crmt_nb.paper_models (normalise, per-frame trunk, pool) get a finite sound bound."
+    import crmt_nb.paper_models as cm
     g = torch.Generator().manual_seed(13)
     for modality, shape in [('visual', (3, 2, 32, 32))]:                 # ClipEncoder: normalise, per-frame trunk, 3-D pool
         enc = cm.resnet18_encoder(modality).eval()
