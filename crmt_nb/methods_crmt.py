@@ -24,7 +24,7 @@ def fixed_scores(model, xs) -> MMOutput:
     logits = sum(a * u for a, u in zip(model.integration, uni)) + model.bias.detach()
     return MMOutput(logits, uni, feats)
 
-# %% ../nbs/07c_methods_crmt.ipynb #9a2bc8ff
+# %% ../nbs/07c_methods_crmt.ipynb #c0b1af50
 class CRMTStep2(Method):
     "CRMT step 2: minimise L2 = −mean r(x) (Eq 10) over the integration weights a only."
     name = 'CRMT step 2'
@@ -43,7 +43,7 @@ class CRMTStep2(Method):
         self.train_bn = self.recreate_optimizer = bool(self.official)
         self.tau = None
 
-# %% ../nbs/07c_methods_crmt.ipynb #0b9e2c0f
+# %% ../nbs/07c_methods_crmt.ipynb #c37604be
 @patch_to(CRMTStep2)
 def make_optimizer(self, model):
     if not isinstance(model.integration, nn.Parameter):
@@ -56,7 +56,7 @@ def on_epoch_start(self, ctx):
     if self.tau is None:
         self.tau = bounds.empirical_lipschitz(ctx.model, ctx.train_dl, official=self.official)
 
-# %% ../nbs/07c_methods_crmt.ipynb #9432a980
+# %% ../nbs/07c_methods_crmt.ipynb #1708efbd
 @patch_to(CRMTStep2)
 def l2(self, model, xs, y) -> tuple:
     "(L2, logits) on a batch with the current τ̃."
@@ -90,7 +90,7 @@ class CRMT(MixupInputs, AdversarialInputs, Method):
     step2_optimizer: str = 'sgd'
     base_lr: float = 1e-3          # the step-1 lr (official step 2 uses 0.03 × it)
 
-# %% ../nbs/07c_methods_crmt.ipynb #20e5bc1d
+# %% ../nbs/07c_methods_crmt.ipynb #5e2366d1
 @patch_to(CRMT)
 def __init__(self, **kw):
     super(CRMT, self).__init__(**kw)
@@ -106,7 +106,7 @@ def defaults(cls, profile: Profile, epochs: int) -> dict:
     if profile.name != 'paper': d.update(step2_optimizer='adam', step2_lr=1e-2)
     return d
 
-# %% ../nbs/07c_methods_crmt.ipynb #abe555a4
+# %% ../nbs/07c_methods_crmt.ipynb #2ccc75e8
 @patch_to(CRMT)
 def _mixed_terms(self, model, xs, y) -> tuple:
     "(CE, L1-mix or None, out) on the mixed batch."
@@ -125,7 +125,7 @@ def _plain_terms(self, model, xs, y) -> tuple:
     margin = losses.margin_loss(out.unimodal, y, self.l1_floor, official=self.official) if self.rho else None
     return ce, margin, out
 
-# %% ../nbs/07c_methods_crmt.ipynb #f28b43a3
+# %% ../nbs/07c_methods_crmt.ipynb #6001bc10
 @patch_to(CRMT)
 def loss(self, model, xs, y):
     "CE + ρ·L1 on the batch the `inputs` option picks; (loss, logits)."
