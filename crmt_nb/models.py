@@ -185,33 +185,41 @@ def transformer_layers(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                                                       batch_first=True, norm_first=True) for _ in range(depth)])
 
 # %% ../nbs/02_models.ipynb #087a2cb6
+def _stream_geometry(in_shape: tuple, patch) -> tuple:
+    "(C, patch (ph, pw), N = T·(H // ph)·(W // pw) tokens) of a (C,H,W) or (C,T,H,W) input; clear errors."
+    if len(in_shape) not in (3, 4): raise ValueError(f'TokenStream input shape must be (C,H,W) or (C,T,H,W), got {in_shape}')
+    C, H, W = in_shape[0], *in_shape[-2:]
+    T = in_shape[1] if len(in_shape) == 4 else 1
+    p = _pair(patch)
+    if H < p[0] or W < p[1]: raise ValueError(f'patch {p} larger than the input {(H, W)}')
+    return C, p, T * (H // p[0]) * (W // p[1])
+
+# %% ../nbs/02_models.ipynb #24ef1032
 class TokenStream(nn.Module):
     "One MMT modality: normalise → patch embedding → [class token; patches] + position → L_m layers → (B, 1+N, dim)."
     def __init__(self, in_shape: Sequence[int], dim: int, patch=16, depth: int = 1, heads: int = 4,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, mean=None, std=None):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
-        if len(self.in_shape) not in (3, 4): raise ValueError(f'TokenStream input shape must be (C,H,W) or (C,T,H,W), got {self.in_shape}')
-        C, H, W = self.in_shape[0], *self.in_shape[-2:]
-        T = self.in_shape[1] if len(self.in_shape) == 4 else 1
-        p = _pair(patch)
-        if H < p[0] or W < p[1]: raise ValueError(f'patch {p} larger than the input {(H, W)}')
+        C, p, self.n_tokens = _stream_geometry(self.in_shape, patch)
         self.norm = Normalize(mean, std) if mean is not None else nn.Identity()
         self.embed = nn.Conv2d(C, dim, p, stride=p)                     # linear embedding of non-overlapping patches
-        self.n_tokens = T * (H // p[0]) * (W // p[1])
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, 1 + self.n_tokens, dim))
         nn.init.trunc_normal_(self.cls, std=0.02); nn.init.trunc_normal_(self.pos, std=0.02)
         self.layers = transformer_layers(dim, depth, heads, mlp_ratio, dropout)
-    def forward(self, x):
-        _check_input(x, len(self.in_shape) + 1, self.in_shape[0], 'TokenStream')
-        if tuple(x.shape[1:]) != self.in_shape:
-            raise ValueError(f'this MMT stream was built for inputs {self.in_shape}, got {tuple(x.shape[1:])}: '
-                             'build the model with the matching frame/spectrogram size')
-        B = x.shape[0]
-        if x.ndim == 5: x = x.transpose(1, 2).reshape(-1, *x.shape[-4:-3], *x.shape[-2:])   # fold T: (B·T, C, H, W)
-        e = self.embed(self.norm(x)).flatten(2).transpose(1, 2).reshape(B, self.n_tokens, -1)
-        return self.layers(torch.cat([self.cls.expand(B, -1, -1), e], 1) + self.pos)
+
+# %% ../nbs/02_models.ipynb #703dc5e8
+@patch_to(TokenStream)
+def forward(self, x):
+    _check_input(x, len(self.in_shape) + 1, self.in_shape[0], 'TokenStream')
+    if tuple(x.shape[1:]) != self.in_shape:
+        raise ValueError(f'this MMT stream was built for inputs {self.in_shape}, got {tuple(x.shape[1:])}: '
+                         'build the model with the matching frame/spectrogram size')
+    B = x.shape[0]
+    if x.ndim == 5: x = x.transpose(1, 2).reshape(-1, *x.shape[-4:-3], *x.shape[-2:])   # fold T: (B·T, C, H, W)
+    e = self.embed(self.norm(x)).flatten(2).transpose(1, 2).reshape(B, self.n_tokens, -1)
+    return self.layers(torch.cat([self.cls.expand(B, -1, -1), e], 1) + self.pos)
 
 # %% ../nbs/02_models.ipynb #b138bf1d
 class MMT(JointModel):
@@ -222,14 +230,17 @@ class MMT(JointModel):
         super().__init__(streams, [dim] * len(streams), n_classes, head, orth, a_init)
         self.joint = transformer_layers(dim, depth_joint, heads, mlp_ratio, dropout)
         self.out_norm = nn.LayerNorm(dim)
-    def features(self, xs) -> tuple:
-        "Class tokens of each modality after the joint layers (each depends on ALL inputs)."
-        if len(xs) != self.n_modalities:
-            raise ValueError(f'model has {self.n_modalities} modalities but got {len(xs)} inputs')
-        toks = [s(x) for s, x in zip(self.encoders, xs)]
-        z = self.out_norm(self.joint(torch.cat(toks, 1)))
-        starts = [0, *itertools.accumulate(t.shape[1] for t in toks[:-1])]     # where each class token sits
-        return tuple(z[:, s] for s in starts)
+
+# %% ../nbs/02_models.ipynb #27a444f3
+@patch_to(MMT)
+def features(self, xs) -> tuple:
+    "Class tokens of each modality after the joint layers (each depends on ALL inputs)."
+    if len(xs) != self.n_modalities:
+        raise ValueError(f'model has {self.n_modalities} modalities but got {len(xs)} inputs')
+    toks = [s(x) for s, x in zip(self.encoders, xs)]
+    z = self.out_norm(self.joint(torch.cat(toks, 1)))
+    starts = [0, *itertools.accumulate(t.shape[1] for t in toks[:-1])]     # where each class token sits
+    return tuple(z[:, s] for s in starts)
 
 # %% ../nbs/02_models.ipynb #023df951
 _MOVED_TO_PAPER_MODELS = ('IMAGENET_MEAN', 'IMAGENET_STD', 'FLOW_MEAN', 'FLOW_STD', 'MODALITIES', 'PAPER_DATASETS',
