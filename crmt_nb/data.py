@@ -79,6 +79,7 @@ def _split_class(idx: torch.Tensor, fr: torch.Tensor, g: torch.Generator) -> lis
     cuts = torch.round(torch.cumsum(fr, 0) * len(idx)).long().tolist()
     return [idx[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
 
+# %% ../nbs/01_data.ipynb #ab5f8d66
 def stratified_split(y, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> tuple[torch.Tensor, ...]:
     "Index tensors, one per fraction, stratified by class and deterministic in `seed`."
     y = torch.as_tensor(y)

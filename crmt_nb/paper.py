@@ -106,6 +106,7 @@ def _rows_soe_t2() -> list:
         r.append(dict(item='table2', dataset='CIFAR-10', method=m, attack='clean', modality='none', eps=0.0, metric='accuracy', value=v / 100))
     return r
 
+# %% ../nbs/10_paper.ipynb #ebfc1f65
 def _rows_soe_t3() -> list:
     "Table 3: Square-attack accuracy (mean and std over runs) over ε."
     r = []
