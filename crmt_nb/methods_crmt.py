@@ -37,11 +37,14 @@ class CRMTStep2(Method):
     j: str = 'min'                 # the class j of Eq 10: 'min' (the rigorous min over j ≠ y) | 'runner_up' (code)
     samples: str = 'all'           # 'all' (the paper's mean over the data) | 'correct'
     official: bool = False
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        if self.official: self.j, self.samples = 'runner_up', 'all'
-        self.train_bn = self.recreate_optimizer = bool(self.official)
-        self.tau = None
+
+# %% ../nbs/07c_methods_crmt.ipynb #5460f4fd
+@patch_to(CRMTStep2)
+def __init__(self, **kw):
+    super(CRMTStep2, self).__init__(**kw)
+    if self.official: self.j, self.samples = 'runner_up', 'all'
+    self.train_bn = self.recreate_optimizer = bool(self.official)
+    self.tau = None
 
 # %% ../nbs/07c_methods_crmt.ipynb #c37604be
 @patch_to(CRMTStep2)
@@ -64,12 +67,19 @@ def l2(self, model, xs, y) -> tuple:
     return losses.bound_loss(model, out.unimodal, y, self.tau, j=self.j, samples=self.samples,
                              abs_a=not self.official), out.logits
 
+# %% ../nbs/07c_methods_crmt.ipynb #57554f72
 @patch_to(CRMTStep2)
 def loss(self, model, xs, y): return self.l2(model, xs, y)
+
+# %% ../nbs/07c_methods_crmt.ipynb #93222751
 @patch_to(CRMTStep2)
 def on_epoch_end(self, ctx): return {'a_mean': ctx.model.integration.detach().mean(1).tolist()}
+
+# %% ../nbs/07c_methods_crmt.ipynb #bf0f8854
 @patch_to(CRMTStep2)
 def state_dict(self): return {'tau': self.tau}
+
+# %% ../nbs/07c_methods_crmt.ipynb #72117d62
 @patch_to(CRMTStep2)
 def load_state_dict(self, sd): self.tau = sd.get('tau')
 
@@ -100,6 +110,7 @@ def __init__(self, **kw):
         raise ValueError(f'a_init must be a finite number, got {self.a_init!r}')
     self._stage2 = None
 
+# %% ../nbs/07c_methods_crmt.ipynb #08cefdd9
 @patch_to(CRMT, cls_method=True)
 def defaults(cls, profile: Profile, epochs: int) -> dict:
     d = {'base_lr': profile.lr, 'step2_epochs': profile.step2_epochs, 'eps': profile.at_eps, 'a_init': profile.a_init}
@@ -116,6 +127,7 @@ def _mixed_terms(self, model, xs, y) -> tuple:
     margin = losses.margin_loss_mix(out.unimodal, ya, yb, lam, self.l1_floor, official=self.official) if self.rho else None
     return ce, margin, out
 
+# %% ../nbs/07c_methods_crmt.ipynb #39210869
 @patch_to(CRMT)
 def _plain_terms(self, model, xs, y) -> tuple:
     "(CE, L1 or None, out) on the clean batch, or its adversarial version for `inputs='at'`."
@@ -133,6 +145,7 @@ def loss(self, model, xs, y):
     self.terms = {'ce': ce.detach(), 'margin': margin.detach() if margin is not None else None}
     return (ce + self.rho * margin if margin is not None else ce), out.logits
 
+# %% ../nbs/07c_methods_crmt.ipynb #7524cdf8
 @patch_to(CRMT)
 def next_stage(self):
     if not self.step2: return None

@@ -93,6 +93,7 @@ def after_backward(self, model):
             g = p.grad
             p.grad = g * k.to(g.dtype) + (self._ge_noise(g) if self.ge else 0)
 
+# %% ../nbs/07a_methods_imbalance.ipynb #497fdbc7
 @patch_to(OGM)
 def on_epoch_end(self, ctx) -> dict:
     if not self._n: return {}
@@ -110,6 +111,7 @@ class PMR(Method):
     def defaults(cls, profile: Profile, epochs: int) -> dict:
         return {} if profile.name == 'paper' else {'window': (0, max(0, round(100 / 150 * epochs)))}
 
+# %% ../nbs/07a_methods_imbalance.ipynb #70cc30a7
 @patch_to(PMR)
 def setup(self, ctx):
     super(PMR, self).setup(ctx)
@@ -208,6 +210,7 @@ class GB(Method):
     def defaults(cls, profile: Profile, epochs: int) -> dict:
         return {} if profile.name == 'paper' else {'super_epoch': max(1, math.ceil(epochs / 2))}
 
+# %% ../nbs/07a_methods_imbalance.ipynb #c8fa4cee
 @patch_to(GB)
 def setup(self, ctx):
     super(GB, self).setup(ctx)
