@@ -36,16 +36,19 @@ class PrepSummary:
         return s
 
 # %% ../nbs/01c_prep.ipynb #ee0be6e9
+def _run_one(item) -> tuple:
+    "(id, job(), None) for an item (id, job) of `run_clips`, or (id, None, 'Type: message') when the job raises."
+    cid, job = item
+    try: return cid, job(), None
+    except Exception as e: return cid, None, f'{type(e).__name__}: {e}'.strip()
+
+# %% ../nbs/01c_prep.ipynb #64673e67
 def run_clips(command: str, jobs: dict[str, Callable[[], bool]], root: Path | None = None, workers: int = 1,
               progress: bool = True) -> PrepSummary:
     "Run `jobs` (id → job) with a progress bar on `workers` threads; failures are collected, summarised, logged."
     out = PrepSummary(command)
-    def one(item):
-        cid, job = item
-        try: return cid, job(), None
-        except Exception as e: return cid, None, f'{type(e).__name__}: {e}'.strip()
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        for cid, made, err in tqdm(ex.map(one, jobs.items()), total=len(jobs), desc=command, disable=not progress):
+        for cid, made, err in tqdm(ex.map(_run_one, jobs.items()), total=len(jobs), desc=command, disable=not progress):
             if err is not None: out.failed[cid] = err
             elif made: out.done.append(cid)
             else: out.present.append(cid)
@@ -184,6 +187,7 @@ def _read_float_wav(path: Path, err) -> tuple[torch.Tensor, int]:
     if a.dtype.kind != 'f': raise ValueError(f'{path}: unsupported WAV ({err})')
     return torch.from_numpy(a.T.astype(np.float32).copy()), int(sr)
 
+# %% ../nbs/01c_prep.ipynb #49180dd9
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
     "(channels, T) float32 in [-1, 1) and the sample rate of a WAV file."
     path = Path(path)
@@ -211,6 +215,7 @@ def _audio_of(src: Path, sr: int) -> tuple[torch.Tensor, int]:
         _ffmpeg(['-i', src, '-vn', '-ac', 1, '-ar', sr, '-acodec', 'pcm_s16le', wav], src)
         return read_wav(wav)
 
+# %% ../nbs/01c_prep.ipynb #5dbbc4c7
 def extract_spectrogram(src: str | Path, out: str | Path, sr: int = 16000) -> bool:
     "`src` (a .wav, or a video whose audio ffmpeg extracts at `sr` mono) → `out` .npy (1024, 128); False if done."
     src, out = Path(src), Path(out)
@@ -442,6 +447,7 @@ def _cli_parser() -> argparse.ArgumentParser:
     _add_media_commands(sub); _add_list_commands(sub)
     return p
 
+# %% ../nbs/01c_prep.ipynb #c8651098
 def _cli_run(args):
     "Run the parsed command: a `PrepSummary` (frames, audio, flow), the counts (lists) or the bad clips (check)."
     if args.command == 'frames': return prep_frames(args.videos, args.root, args.fps, args.workers)
