@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 import numpy as np, torch
 from torch.utils.data import Dataset, DataLoader, BatchSampler, RandomSampler, SequentialSampler
+from fastcore.basics import patch_to
 
 # %% auto #0
 __all__ = ['MFEAT_VIEWS', 'MultiModalDataset', 'stratified_split', 'Standardizer', 'DataSplits', 'split_arrays', 'mfeat',
@@ -29,33 +30,56 @@ class MultiModalDataset(Dataset):
         self.boxes = tuple(boxes) if boxes is not None else (None,) * len(self.xs)
         if len(self.names) != len(self.xs) or len(self.boxes) != len(self.xs):
             raise ValueError('names and boxes need one entry per modality')
-    def __len__(self): return len(self.y)
-    def __getitem__(self, i):
-        if isinstance(i, (int, np.integer)): return tuple(x[i] for x in self.xs), int(self.y[i])
-        i = torch.as_tensor(i, dtype=torch.long)
-        return tuple(x[i] for x in self.xs), self.y[i]
-    @property
-    def shapes(self): return tuple(tuple(x.shape[1:]) for x in self.xs)
-    @property
-    def n_classes(self): return int(self.y.max()) + 1
-    def subset(self, idx) -> 'MultiModalDataset':
-        "The samples at `idx`, same names and boxes."
-        xs, y = self[torch.as_tensor(idx, dtype=torch.long)]
-        return MultiModalDataset(xs, y, self.names, self.boxes)
-    def head(self, n: int | None) -> 'MultiModalDataset':
-        "The first `n` samples (all when `n` is None); splits are shuffled, so this is a random subset."
-        return self if n is None or n >= len(self) else self.subset(torch.arange(n))
-    def loader(self, batch_size: int = 64, shuffle: bool = False, generator: torch.Generator | None = None,
-               drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-        "Batches `(xs, y)` straight from memory; `shuffle` draws from `generator`."
-        if batch_size < 1: raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-        base = RandomSampler(self, generator=generator) if shuffle else SequentialSampler(self)
-        return DataLoader(self, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None,
-                          pin_memory=pin_memory)
-    def __repr__(self):
-        return f'MultiModalDataset(n={len(self)}, ' + ', '.join(f'{n}{list(s)}' for n, s in zip(self.names, self.shapes)) + ')'
+
+# %% ../nbs/01_data.ipynb #056b5b80
+@patch_to(MultiModalDataset)
+def __len__(self): return len(self.y)
+
+@patch_to(MultiModalDataset)
+def __getitem__(self, i):
+    if isinstance(i, (int, np.integer)): return tuple(x[i] for x in self.xs), int(self.y[i])
+    i = torch.as_tensor(i, dtype=torch.long)
+    return tuple(x[i] for x in self.xs), self.y[i]
+
+@patch_to(MultiModalDataset, as_prop=True)
+def shapes(self): return tuple(tuple(x.shape[1:]) for x in self.xs)
+@patch_to(MultiModalDataset, as_prop=True)
+def n_classes(self): return int(self.y.max()) + 1
+
+# %% ../nbs/01_data.ipynb #648b9fde
+@patch_to(MultiModalDataset)
+def subset(self, idx) -> 'MultiModalDataset':
+    "The samples at `idx`, same names and boxes."
+    xs, y = self[torch.as_tensor(idx, dtype=torch.long)]
+    return MultiModalDataset(xs, y, self.names, self.boxes)
+
+@patch_to(MultiModalDataset)
+def head(self, n: int | None) -> 'MultiModalDataset':
+    "The first `n` samples (all when `n` is None); splits are shuffled, so this is a random subset."
+    return self if n is None or n >= len(self) else self.subset(torch.arange(n))
+
+# %% ../nbs/01_data.ipynb #27f34743
+@patch_to(MultiModalDataset)
+def loader(self, batch_size: int = 64, shuffle: bool = False, generator: torch.Generator | None = None,
+           drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    "Batches `(xs, y)` straight from memory; `shuffle` draws from `generator`."
+    if batch_size < 1: raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    base = RandomSampler(self, generator=generator) if shuffle else SequentialSampler(self)
+    return DataLoader(self, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None,
+                      pin_memory=pin_memory)
+
+@patch_to(MultiModalDataset)
+def __repr__(self):
+    return f'MultiModalDataset(n={len(self)}, ' + ', '.join(f'{n}{list(s)}' for n, s in zip(self.names, self.shapes)) + ')'
 
 # %% ../nbs/01_data.ipynb #75e31aa4
+def _split_class(idx: torch.Tensor, fr: torch.Tensor, g: torch.Generator) -> list:
+    "The indices `idx` of one class, permuted with `g` and cut at the cumulative fractions `fr`."
+    idx = idx[torch.randperm(len(idx), generator=g)]
+    cuts = torch.round(torch.cumsum(fr, 0) * len(idx)).long().tolist()
+    return [idx[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
+
+# %% ../nbs/01_data.ipynb #ab5f8d66
 def stratified_split(y, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> tuple[torch.Tensor, ...]:
     "Index tensors, one per fraction, stratified by class and deterministic in `seed`."
     y = torch.as_tensor(y)
@@ -65,15 +89,10 @@ def stratified_split(y, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> tuple[torch
     g = torch.Generator().manual_seed(seed)
     parts = [[] for _ in fractions]
     for c in torch.unique(y):
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        cuts = torch.round(torch.cumsum(fr, 0) * len(idx)).long().tolist()
-        for k, (a, b) in enumerate(zip([0] + cuts[:-1], cuts)): parts[k].append(idx[a:b])
-    out = []
-    for p in parts:
-        p = torch.cat(p); out.append(p[torch.randperm(len(p), generator=g)])
-    return tuple(out)
+        for k, part in enumerate(_split_class(torch.nonzero(y == c).flatten(), fr, g)): parts[k].append(part)
+    return tuple(p[torch.randperm(len(p), generator=g)] for p in [torch.cat(p) for p in parts])
 
+# %% ../nbs/01_data.ipynb #790d2681
 class Standardizer:
     "Per-feature z-score of one modality, fitted on training data."
     def __init__(self, x: torch.Tensor):
@@ -90,20 +109,24 @@ class DataSplits:
     train: MultiModalDataset
     valid: MultiModalDataset
     test: MultiModalDataset
-    @property
-    def names(self): return self.train.names
-    @property
-    def boxes(self): return self.train.boxes
-    @property
-    def shapes(self): return self.train.shapes
-    @property
-    def n_classes(self): return max(self.train.n_classes, self.valid.n_classes, self.test.n_classes)
     def __repr__(self):
         return (f'DataSplits({self.name!r}: train {len(self.train)}, valid {len(self.valid)}, test {len(self.test)}; '
                 + ', '.join(f'{n}{list(s)} box={b}' for n, s, b in zip(self.names, self.shapes, self.boxes)) + ')')
 
+# %% ../nbs/01_data.ipynb #c6564687
+@patch_to(DataSplits, as_prop=True)
+def names(self): return self.train.names
+@patch_to(DataSplits, as_prop=True)
+def boxes(self): return self.train.boxes
+@patch_to(DataSplits, as_prop=True)
+def shapes(self): return self.train.shapes
+@patch_to(DataSplits, as_prop=True)
+def n_classes(self): return max(self.train.n_classes, self.valid.n_classes, self.test.n_classes)
+
+# %% ../nbs/01_data.ipynb #db2d7c3e
 def _assets() -> Path: return Path(str(importlib.resources.files('crmt_nb'))) / 'assets'
 
+# %% ../nbs/01_data.ipynb #fec2a34c
 def split_arrays(name, xs, y, names, boxes, fractions, seed, standardize) -> DataSplits:
     "Split `xs`/`y` stratified; z-score the modalities flagged in `standardize` with train statistics."
     idx = stratified_split(y, fractions, seed)
@@ -120,6 +143,18 @@ def split_arrays(name, xs, y, names, boxes, fractions, seed, standardize) -> Dat
 # %% ../nbs/01_data.ipynb #6ecb3c2d
 MFEAT_VIEWS = {'fou': 76, 'fac': 216, 'kar': 64, 'pix': 240, 'zer': 47, 'mor': 6}
 
+def _mfeat_arrays(d, views, pix_image: bool) -> tuple:
+    "(xs, boxes, standardise?) of the views: `pix` as a 1×16×15 image in [0, 1] with `pix_image`, all else vectors."
+    xs, boxes, std = [], [], []
+    for v in views:
+        x = torch.from_numpy(d[v].astype(np.float32))
+        if v == 'pix' and pix_image:
+            xs.append((x / 6.0).reshape(-1, 1, 16, 15)); boxes.append((0.0, 1.0)); std.append(False)
+        else:
+            xs.append(x); boxes.append(None); std.append(True)
+    return xs, boxes, std
+
+# %% ../nbs/01_data.ipynb #a17008bf
 def mfeat(views: Sequence[str] = ('pix', 'fou'), pix_image: bool = True, fractions=(0.7, 0.1, 0.2),
           seed: int = 0) -> DataSplits:
     "UCI Multiple Features with `views` as modalities; stratified splits; vector views standardised on train."
@@ -129,13 +164,7 @@ def mfeat(views: Sequence[str] = ('pix', 'fou'), pix_image: bool = True, fractio
     if bad: raise ValueError(f'unknown mfeat view(s) {bad}; the views are {list(MFEAT_VIEWS)}')
     if not views or len(set(views)) != len(views): raise ValueError(f'views must be distinct and non-empty, got {views}')
     d = np.load(_assets() / 'mfeat.npz')
-    xs, boxes, std = [], [], []
-    for v in views:
-        x = torch.from_numpy(d[v].astype(np.float32))
-        if v == 'pix' and pix_image:
-            xs.append((x / 6.0).reshape(-1, 1, 16, 15)); boxes.append((0.0, 1.0)); std.append(False)
-        else:
-            xs.append(x); boxes.append(None); std.append(True)
+    xs, boxes, std = _mfeat_arrays(d, views, pix_image)
     name = 'mfeat ' + '+'.join(views) + (' (pix vector)' if 'pix' in views and not pix_image else '')
     return split_arrays(name, xs, d['y'], views, boxes, fractions, seed, std)
 

@@ -10,6 +10,7 @@ from .models import logits_of, MMOutput
 from .train import Method, Context
 from .methods_robust import MixupInputs, AdversarialInputs
 from . import losses, bounds
+from fastcore.basics import patch_to
 
 # %% auto #0
 __all__ = ['fixed_scores', 'CRMTStep2', 'CRMT']
@@ -23,6 +24,7 @@ def fixed_scores(model, xs) -> MMOutput:
     logits = sum(a * u for a, u in zip(model.integration, uni)) + model.bias.detach()
     return MMOutput(logits, uni, feats)
 
+# %% ../nbs/07c_methods_crmt.ipynb #c0b1af50
 class CRMTStep2(Method):
     "CRMT step 2: minimise L2 = −mean r(x) (Eq 10) over the integration weights a only."
     name = 'CRMT step 2'
@@ -35,28 +37,51 @@ class CRMTStep2(Method):
     j: str = 'min'                 # the class j of Eq 10: 'min' (the rigorous min over j ≠ y) | 'runner_up' (code)
     samples: str = 'all'           # 'all' (the paper's mean over the data) | 'correct'
     official: bool = False
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        if self.official: self.j, self.samples = 'runner_up', 'all'
-        self.train_bn = self.recreate_optimizer = bool(self.official)
-        self.tau = None
-    def make_optimizer(self, model):
-        if not isinstance(model.integration, nn.Parameter):
-            raise ValueError("CRMT step 2 needs an orth-head model (head='orth'): its integration weights are the parameters")
-        if self.optimizer == 'adam': return torch.optim.Adam([model.integration], self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD([model.integration], self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-    def on_epoch_start(self, ctx):
-        if self.tau is None:
-            self.tau = bounds.empirical_lipschitz(ctx.model, ctx.train_dl, official=self.official)
-    def l2(self, model, xs, y) -> tuple:
-        "(L2, logits) on a batch with the current τ̃."
-        out = fixed_scores(model, xs)
-        return losses.bound_loss(model, out.unimodal, y, self.tau, j=self.j, samples=self.samples,
-                                 abs_a=not self.official), out.logits
-    def loss(self, model, xs, y): return self.l2(model, xs, y)
-    def on_epoch_end(self, ctx): return {'a_mean': ctx.model.integration.detach().mean(1).tolist()}
-    def state_dict(self): return {'tau': self.tau}
-    def load_state_dict(self, sd): self.tau = sd.get('tau')
+
+# %% ../nbs/07c_methods_crmt.ipynb #5460f4fd
+@patch_to(CRMTStep2)
+def __init__(self, **kw):
+    super(CRMTStep2, self).__init__(**kw)
+    if self.official: self.j, self.samples = 'runner_up', 'all'
+    self.train_bn = self.recreate_optimizer = bool(self.official)
+    self.tau = None
+
+# %% ../nbs/07c_methods_crmt.ipynb #c37604be
+@patch_to(CRMTStep2)
+def make_optimizer(self, model):
+    if not isinstance(model.integration, nn.Parameter):
+        raise ValueError("CRMT step 2 needs an orth-head model (head='orth'): its integration weights are the parameters")
+    if self.optimizer == 'adam': return torch.optim.Adam([model.integration], self.lr, weight_decay=self.weight_decay)
+    return torch.optim.SGD([model.integration], self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+@patch_to(CRMTStep2)
+def on_epoch_start(self, ctx):
+    if self.tau is None:
+        self.tau = bounds.empirical_lipschitz(ctx.model, ctx.train_dl, official=self.official)
+
+# %% ../nbs/07c_methods_crmt.ipynb #1708efbd
+@patch_to(CRMTStep2)
+def l2(self, model, xs, y) -> tuple:
+    "(L2, logits) on a batch with the current τ̃."
+    out = fixed_scores(model, xs)
+    return losses.bound_loss(model, out.unimodal, y, self.tau, j=self.j, samples=self.samples,
+                             abs_a=not self.official), out.logits
+
+# %% ../nbs/07c_methods_crmt.ipynb #57554f72
+@patch_to(CRMTStep2)
+def loss(self, model, xs, y): return self.l2(model, xs, y)
+
+# %% ../nbs/07c_methods_crmt.ipynb #93222751
+@patch_to(CRMTStep2)
+def on_epoch_end(self, ctx): return {'a_mean': ctx.model.integration.detach().mean(1).tolist()}
+
+# %% ../nbs/07c_methods_crmt.ipynb #bf0f8854
+@patch_to(CRMTStep2)
+def state_dict(self): return {'tau': self.tau}
+
+# %% ../nbs/07c_methods_crmt.ipynb #72117d62
+@patch_to(CRMTStep2)
+def load_state_dict(self, sd): self.tau = sd.get('tau')
 
 # %% ../nbs/07c_methods_crmt.ipynb #18500ef6
 class CRMT(MixupInputs, AdversarialInputs, Method):
@@ -74,35 +99,58 @@ class CRMT(MixupInputs, AdversarialInputs, Method):
     step2_lr: float = 3e-5
     step2_optimizer: str = 'sgd'
     base_lr: float = 1e-3          # the step-1 lr (official step 2 uses 0.03 × it)
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        if self.inputs not in ('clean', 'at', 'mix'): raise ValueError(f"inputs must be 'clean', 'at' or 'mix', got {self.inputs!r}")
-        if self.official: self.orth, self.a_init = 'rownorm', 0.1
-        if isinstance(self.a_init, bool) or not isinstance(self.a_init, (int, float)) or not math.isfinite(self.a_init):
-            raise ValueError(f'a_init must be a finite number, got {self.a_init!r}')
-        self._stage2 = None
-    @classmethod
-    def defaults(cls, profile: Profile, epochs: int) -> dict:
-        d = {'base_lr': profile.lr, 'step2_epochs': profile.step2_epochs, 'eps': profile.at_eps, 'a_init': profile.a_init}
-        if profile.name != 'paper': d.update(step2_optimizer='adam', step2_lr=1e-2)
-        return d
-    def loss(self, model, xs, y):
-        if self.inputs == 'mix':
-            xm, ya, yb, lam = self.mix(xs, y)
-            out = model(xm)
-            ce = lam * F.cross_entropy(out.logits, ya) + (1 - lam) * F.cross_entropy(out.logits, yb)
-            margin = losses.margin_loss_mix(out.unimodal, ya, yb, lam, self.l1_floor, official=self.official) if self.rho else None
-        else:
-            if self.inputs == 'at': xs = self.adversarial(model, xs, y)
-            out = model(xs)
-            ce = F.cross_entropy(out.logits, y)
-            margin = losses.margin_loss(out.unimodal, y, self.l1_floor, official=self.official) if self.rho else None
-        self.terms = {'ce': ce.detach(), 'margin': margin.detach() if margin is not None else None}
-        return (ce + self.rho * margin if margin is not None else ce), out.logits
-    def next_stage(self):
-        if not self.step2: return None
-        if self._stage2 is None:
-            if self.official: kw = dict(lr=0.03 * self.base_lr, momentum=0.9, weight_decay=1e-2, optimizer='sgd')
-            else: kw = dict(lr=self.step2_lr, optimizer=self.step2_optimizer)
-            self._stage2 = CRMTStep2(epochs=self.step2_epochs, official=self.official, **kw)
-        return self._stage2
+
+# %% ../nbs/07c_methods_crmt.ipynb #5e2366d1
+@patch_to(CRMT)
+def __init__(self, **kw):
+    super(CRMT, self).__init__(**kw)
+    if self.inputs not in ('clean', 'at', 'mix'): raise ValueError(f"inputs must be 'clean', 'at' or 'mix', got {self.inputs!r}")
+    if self.official: self.orth, self.a_init = 'rownorm', 0.1
+    if isinstance(self.a_init, bool) or not isinstance(self.a_init, (int, float)) or not math.isfinite(self.a_init):
+        raise ValueError(f'a_init must be a finite number, got {self.a_init!r}')
+    self._stage2 = None
+
+# %% ../nbs/07c_methods_crmt.ipynb #08cefdd9
+@patch_to(CRMT, cls_method=True)
+def defaults(cls, profile: Profile, epochs: int) -> dict:
+    d = {'base_lr': profile.lr, 'step2_epochs': profile.step2_epochs, 'eps': profile.at_eps, 'a_init': profile.a_init}
+    if profile.name != 'paper': d.update(step2_optimizer='adam', step2_lr=1e-2)
+    return d
+
+# %% ../nbs/07c_methods_crmt.ipynb #2ccc75e8
+@patch_to(CRMT)
+def _mixed_terms(self, model, xs, y) -> tuple:
+    "(CE, L1-mix or None, out) on the mixed batch."
+    xm, ya, yb, lam = self.mix(xs, y)
+    out = model(xm)
+    ce = lam * F.cross_entropy(out.logits, ya) + (1 - lam) * F.cross_entropy(out.logits, yb)
+    margin = losses.margin_loss_mix(out.unimodal, ya, yb, lam, self.l1_floor, official=self.official) if self.rho else None
+    return ce, margin, out
+
+# %% ../nbs/07c_methods_crmt.ipynb #39210869
+@patch_to(CRMT)
+def _plain_terms(self, model, xs, y) -> tuple:
+    "(CE, L1 or None, out) on the clean batch, or its adversarial version for `inputs='at'`."
+    if self.inputs == 'at': xs = self.adversarial(model, xs, y)
+    out = model(xs)
+    ce = F.cross_entropy(out.logits, y)
+    margin = losses.margin_loss(out.unimodal, y, self.l1_floor, official=self.official) if self.rho else None
+    return ce, margin, out
+
+# %% ../nbs/07c_methods_crmt.ipynb #6001bc10
+@patch_to(CRMT)
+def loss(self, model, xs, y):
+    "CE + ρ·L1 on the batch the `inputs` option picks; (loss, logits)."
+    ce, margin, out = self._mixed_terms(model, xs, y) if self.inputs == 'mix' else self._plain_terms(model, xs, y)
+    self.terms = {'ce': ce.detach(), 'margin': margin.detach() if margin is not None else None}
+    return (ce + self.rho * margin if margin is not None else ce), out.logits
+
+# %% ../nbs/07c_methods_crmt.ipynb #7524cdf8
+@patch_to(CRMT)
+def next_stage(self):
+    if not self.step2: return None
+    if self._stage2 is None:
+        if self.official: kw = dict(lr=0.03 * self.base_lr, momentum=0.9, weight_decay=1e-2, optimizer='sgd')
+        else: kw = dict(lr=self.step2_lr, optimizer=self.step2_optimizer)
+        self._stage2 = CRMTStep2(epochs=self.step2_epochs, official=self.official, **kw)
+    return self._stage2

@@ -10,6 +10,7 @@ from .core import Profile
 from .models import logits_of
 from .attacks import pgd_l2
 from .train import Method, Context
+from fastcore.basics import patch_to
 
 # %% auto #0
 __all__ = ['sample_beta', 'mix_inputs', 'MixupInputs', 'Mixup', 'check_at_budget', 'official_at_sample', 'AdversarialInputs',
@@ -23,10 +24,12 @@ def sample_beta(alpha: float, generator: torch.Generator | None) -> float:
     seed = int(torch.randint(0, 2**62, (), generator=generator))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
+# %% ../nbs/07b_methods_robust.ipynb #99b770be
 def mix_inputs(xs, y, lam: float, perm: torch.Tensor):
     "(x̃, y, y_π): x̃^(m) = λ x^(m) + (1 − λ) x^(m)_π with one λ and one π for all modalities."
     return tuple(lam * x + (1 - lam) * x[perm] for x in xs), y, y[perm]
 
+# %% ../nbs/07b_methods_robust.ipynb #8cd0a4c2
 class MixupInputs:
     "Mixin: draws λ and π from the loop's generators."
     mix_alpha: float = 1.0
@@ -37,6 +40,7 @@ class MixupInputs:
         perm = torch.randperm(len(y), generator=gen, device=gen.device if gen is not None else 'cpu').to(y.device)
         return (*mix_inputs(xs, y, lam, perm), lam)
 
+# %% ../nbs/07b_methods_robust.ipynb #80daaf81
 class Mixup(MixupInputs, Method):
     "Multi-modal mixup: λ CE(h(x̃), y) + (1 − λ) CE(h(x̃), y_π), same λ, π for all modalities."
     name = 'Mixup'
@@ -57,20 +61,24 @@ def check_at_budget(eps, steps, step_size=None) -> tuple:
     return float(eps), steps, float(eps) / steps if step_size is None else float(step_size)
 
 # %% ../nbs/07b_methods_robust.ipynb #1e30e46d
+def _official_at_step(model, x0: tuple, xa: tuple, y, eps: float, alpha: float) -> tuple:
+    "x^t = x + clip(x^{t−1} + α g_i/√(Σ_m‖g_i^(m)‖² + 1e-6) − x, ±2ε), g = ∇ of the batch-mean CE at x^{t−1}."
+    with torch.enable_grad():
+        xr = tuple(x.clone().requires_grad_(True) for x in xa)
+        g = torch.autograd.grad(F.cross_entropy(logits_of(model(xr)), y), xr)     # mean over the batch
+    with torch.no_grad():
+        n = torch.sqrt(sum(gm.flatten(1).square().sum(1) for gm in g) + 1e-6)   # (B,) joint over modalities
+        return tuple(x + (xp + alpha * gm / n.view(-1, *[1] * (gm.dim() - 1)) - x).clamp(-2 * eps, 2 * eps)
+                     for x, xp, gm in zip(x0, xa, g))
+
+# %% ../nbs/07b_methods_robust.ipynb #1d6de5b6
 def official_at_sample(model, xs, y, eps: float = 0.1, steps: int = 5, alpha: float | None = None) -> tuple:
     """The authors' AT sample: x^t = x + clip(x^{t−1} + α g_i/√(Σ_m‖g_i^(m)‖² + 1e-6) − x, ±2ε), g = ∇ of the batch-mean
     CE at x^{t−1}, α = ε/5 by default; the model is used in its current mode (train mode while training, as theirs)."""
     eps, steps, alpha = check_at_budget(eps, steps, alpha if alpha is not None else eps / 5)
     x0 = tuple(x.detach() for x in xs)
     xa = x0
-    for _ in range(steps):
-        with torch.enable_grad():
-            xr = tuple(x.clone().requires_grad_(True) for x in xa)
-            g = torch.autograd.grad(F.cross_entropy(logits_of(model(xr)), y), xr)     # mean over the batch
-        with torch.no_grad():
-            n = torch.sqrt(sum(gm.flatten(1).square().sum(1) for gm in g) + 1e-6)   # (B,) joint over modalities
-            xa = tuple(x + (xp + alpha * gm / n.view(-1, *[1] * (gm.dim() - 1)) - x).clamp(-2 * eps, 2 * eps)
-                       for x, xp, gm in zip(x0, xa, g))
+    for _ in range(steps): xa = _official_at_step(model, x0, xa, y, eps, alpha)
     return tuple(x.detach() for x in xa)
 
 # %% ../nbs/07b_methods_robust.ipynb #e8393ab2
@@ -84,15 +92,21 @@ class AdversarialInputs:
     def __init__(self, **kw):
         super().__init__(**kw)
         check_at_budget(self.eps, self.steps, self.step_size)
-    def bind_data(self, splits):
-        super().bind_data(splits)
-        self.boxes = tuple(splits.boxes)
-    def adversarial(self, model, xs, y) -> tuple:
-        "The training examples: `pgd_l2` (‖δ‖₂ ≤ ε jointly), or with `official` the authors' `official_at_sample`."
-        eps, steps, alpha = check_at_budget(self.eps, self.steps, self.step_size)
-        if self.official: return official_at_sample(model, xs, y, eps, steps, alpha)
-        return pgd_l2(model, xs, y, eps, steps=steps, alpha=alpha, random_start=False, boxes=self.boxes)
 
+# %% ../nbs/07b_methods_robust.ipynb #8029716e
+@patch_to(AdversarialInputs)
+def bind_data(self, splits):
+    super(AdversarialInputs, self).bind_data(splits)
+    self.boxes = tuple(splits.boxes)
+
+@patch_to(AdversarialInputs)
+def adversarial(self, model, xs, y) -> tuple:
+    "The training examples: `pgd_l2` (‖δ‖₂ ≤ ε jointly), or with `official` the authors' `official_at_sample`."
+    eps, steps, alpha = check_at_budget(self.eps, self.steps, self.step_size)
+    if self.official: return official_at_sample(model, xs, y, eps, steps, alpha)
+    return pgd_l2(model, xs, y, eps, steps=steps, alpha=alpha, random_start=False, boxes=self.boxes)
+
+# %% ../nbs/07b_methods_robust.ipynb #1cd83c5d
 class MMAT(AdversarialInputs, Method):
     "Multi-modal adversarial training: CE on joint l2-PGD examples."
     name = 'MMAT'
@@ -117,11 +131,13 @@ def ista(f: torch.Tensor, D: torch.Tensor, sparsity: float = 0.1, iters: int = 2
         if done: break
     return A
 
+# %% ../nbs/07b_methods_robust.ipynb #8b868668
 def exfm(f: torch.Tensor, D: torch.Tensor, sparsity: float = 0.1, mix: float = 0.6, iters: int = 2000,
          tol: float = 8e-4, step: float | None = None) -> torch.Tensor:
     "ExFM: f̂ = a·A*D + (1 − a)·f with A* the ISTA sparse code of f in D."
     return mix * ista(f, D, sparsity, iters, tol, step) @ D + (1 - mix) * f
 
+# %% ../nbs/07b_methods_robust.ipynb #fad9b0f1
 class MSEFM(Method):
     "MinSim training (CE + λ·cos similarity of the modalities' features) + ExFM sparse-coding defence at inference."
     name = 'MSEFM'
@@ -135,38 +151,66 @@ class MSEFM(Method):
     @classmethod
     def defaults(cls, profile: Profile, epochs: int) -> dict:
         return {} if profile.name == 'paper' else {'ista_iters': 50}
-    def setup(self, ctx):
-        super().setup(ctx)
-        if not hasattr(self, 'dicts'): self.dicts = None
-    def loss(self, model, xs, y):
-        out = model(xs)
-        fs = out.features
-        if len({f.shape[1] for f in fs}) != 1: raise ValueError('MinSim needs equal feature dims across modalities')
-        sim = torch.stack([F.cosine_similarity(a, b, dim=1).mean() for a, b in itertools.combinations(fs, 2)]).mean()
-        return F.cross_entropy(out.logits, y) + self.lam * sim, out.logits
-    @torch.no_grad()
-    def build_dictionaries(self, model, dl, generator=None):
-        "D^(m): `n_atoms` training features per modality (eval mode), a random subset drawn with `generator`."
-        was = model.training; model.eval(); dev = next(model.parameters()).device
-        feats = [[] for _ in range(model.n_modalities)]
-        try:
-            for xs, _ in dl:
-                for a, f in zip(feats, model.features(tuple(x.to(dev) for x in xs))): a.append(f.float())
-        finally: model.train(was)
-        feats = [torch.cat(a) for a in feats]
-        n = feats[0].shape[0]
-        idx = torch.randperm(n, generator=generator)[:self.n_atoms].to(dev)
-        self.dicts = [f[idx] for f in feats]
-        self._ista_steps = [1.0 / float(torch.linalg.matrix_norm(D, 2)) ** 2 for D in self.dicts]
-    def on_fit_end(self, ctx):
-        if self.exfm: self.build_dictionaries(ctx.model, ctx.train_dl, ctx.generator)
-    def predict(self, model, xs):
-        if not self.exfm or self.dicts is None: return logits_of(model(xs))
-        feats = model.features(xs)
-        feats = tuple(exfm(f.float(), D.to(f.device), self.sparsity, self.mix, self.ista_iters, self.ista_tol, s)
-                      for f, D, s in zip(feats, self.dicts, self._ista_steps))
-        return model.fuse(feats).logits
-    def state_dict(self): return {'dicts': self.dicts}
-    def load_state_dict(self, sd):
-        self.dicts = sd.get('dicts')
-        if self.dicts is not None: self._ista_steps = [1.0 / float(torch.linalg.matrix_norm(D, 2)) ** 2 for D in self.dicts]
+
+# %% ../nbs/07b_methods_robust.ipynb #830760f3
+@patch_to(MSEFM)
+def setup(self, ctx):
+    super(MSEFM, self).setup(ctx)
+    if not hasattr(self, 'dicts'): self.dicts = None
+
+@patch_to(MSEFM)
+def loss(self, model, xs, y):
+    "CE(h, y) + λ · mean_{m<n} mean_i cos(φ^(m)(x_i), φ^(n)(x_i))."
+    out = model(xs)
+    fs = out.features
+    if len({f.shape[1] for f in fs}) != 1: raise ValueError('MinSim needs equal feature dims across modalities')
+    sim = torch.stack([F.cosine_similarity(a, b, dim=1).mean() for a, b in itertools.combinations(fs, 2)]).mean()
+    return F.cross_entropy(out.logits, y) + self.lam * sim, out.logits
+
+# %% ../nbs/07b_methods_robust.ipynb #82d1f9c3
+@torch.no_grad()
+def _features_of(model, dl) -> list:
+    "φ^(m) of every sample of `dl` (eval mode, restored), as float: M × (N, d_m)."
+    was = model.training; model.eval(); dev = next(model.parameters()).device
+    feats = [[] for _ in range(model.n_modalities)]
+    try:
+        for xs, _ in dl:
+            for a, f in zip(feats, model.features(tuple(x.to(dev) for x in xs))): a.append(f.float())
+    finally: model.train(was)
+    return [torch.cat(a) for a in feats]
+
+def _ista_steps(dicts) -> list: return [1.0 / float(torch.linalg.matrix_norm(D, 2)) ** 2 for D in dicts]
+
+# %% ../nbs/07b_methods_robust.ipynb #65860342
+@patch_to(MSEFM)
+@torch.no_grad()
+def build_dictionaries(self, model, dl, generator=None):
+    "D^(m): `n_atoms` training features per modality (eval mode), a random subset drawn with `generator`."
+    dev = next(model.parameters()).device
+    feats = _features_of(model, dl)
+    idx = torch.randperm(feats[0].shape[0], generator=generator)[:self.n_atoms].to(dev)
+    self.dicts = [f[idx] for f in feats]
+    self._ista_steps = _ista_steps(self.dicts)
+
+@patch_to(MSEFM)
+def on_fit_end(self, ctx):
+    if self.exfm: self.build_dictionaries(ctx.model, ctx.train_dl, ctx.generator)
+
+# %% ../nbs/07b_methods_robust.ipynb #86e971d6
+@patch_to(MSEFM)
+def predict(self, model, xs):
+    "h(f̂) with f̂^(m) = `exfm`(φ^(m)(x^(m)), D^(m))."
+    if not self.exfm or self.dicts is None: return logits_of(model(xs))
+    feats = model.features(xs)
+    feats = tuple(exfm(f.float(), D.to(f.device), self.sparsity, self.mix, self.ista_iters, self.ista_tol, s)
+                  for f, D, s in zip(feats, self.dicts, self._ista_steps))
+    return model.fuse(feats).logits
+
+# %% ../nbs/07b_methods_robust.ipynb #d933bf50
+@patch_to(MSEFM)
+def state_dict(self): return {'dicts': self.dicts}
+
+@patch_to(MSEFM)
+def load_state_dict(self, sd):
+    self.dicts = sd.get('dicts')
+    if self.dicts is not None: self._ista_steps = _ista_steps(self.dicts)

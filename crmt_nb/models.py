@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 import itertools, math, torch, torch.nn as nn, torch.nn.functional as F
 from torch.nn.utils import parametrize
+from fastcore.basics import patch_to
 
 # %% auto #0
 __all__ = ['MMOutput', 'logits_of', 'MLP', 'SmallCNN', 'small_encoder', 'rownorm', 'QRRows', 'JointModel', 'joint_model',
@@ -19,6 +20,7 @@ class MMOutput(NamedTuple):
     unimodal: tuple
     features: tuple
 
+# %% ../nbs/02_models.ipynb #ca232248
 def logits_of(out) -> torch.Tensor:
     "The fused logits of a model output (an `MMOutput`, anything with `.logits`, or a tensor)."
     return out if isinstance(out, torch.Tensor) else out.logits
@@ -32,6 +34,7 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.d_out = d_out
 
+# %% ../nbs/02_models.ipynb #6f5af3d6
 class SmallCNN(nn.Sequential):
     "Conv-BN-ReLU ×3 (strides 1, 2, 2) → global average pool → `d_out` features; any H×W ≥ 5."
     def __init__(self, in_ch: int = 1, d_out: int = 64, width: int = 16):
@@ -43,6 +46,7 @@ class SmallCNN(nn.Sequential):
             nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.d_out = d_out
 
+# %% ../nbs/02_models.ipynb #d0a065a6
 def small_encoder(shape: Sequence[int], d_out: int = 64) -> nn.Module:
     "An MLP for a vector modality `(d,)`, a `SmallCNN` for an image modality `(C,H,W)`."
     shape = tuple(shape)
@@ -56,6 +60,7 @@ def rownorm(w: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     c = w - w.mean(dim=1, keepdim=True)
     return c / c.norm(dim=1, keepdim=True).clamp_min(eps)
 
+# %% ../nbs/02_models.ipynb #b742eff3
 class QRRows(nn.Module):
     "Parametrisation W ↦ Qᵀ with Q R = Wᵀ (reduced QR, diag R > 0): a (K, d) matrix with orthonormal rows, K ≤ d."
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -63,60 +68,88 @@ class QRRows(nn.Module):
         s = torch.sign(torch.diagonal(r))
         return (q * torch.where(s == 0, torch.ones_like(s), s)).t()
 
+# %% ../nbs/02_models.ipynb #f7fc7dc3
+def _check_joint(encoders, feat_dims, head: str, orth: str):
+    "Clear errors for the encoders, feature dims and head options of a `JointModel`."
+    if len(encoders) != len(feat_dims): raise ValueError('one feature dimension per encoder')
+    if len(encoders) < 1: raise ValueError('a JointModel needs at least one encoder')
+    if head not in ('concat', 'orth'): raise ValueError(f"head must be 'concat' or 'orth', got {head!r}")
+    if orth not in ('rownorm', 'orthonormal'): raise ValueError(f"orth must be 'rownorm' or 'orthonormal', got {orth!r}")
+
+# %% ../nbs/02_models.ipynb #27e92e8c
 class JointModel(nn.Module):
     "M encoders and a concat (Eq 1) or orthogonal (Eq 8) linear head (a^(m) = `a_init` at the start); returns `MMOutput`."
     def __init__(self, encoders: Sequence[nn.Module], feat_dims: Sequence[int], n_classes: int,
                  head: str = 'concat', orth: str = 'rownorm', a_init: float = 0.1):
         super().__init__()
-        if len(encoders) != len(feat_dims): raise ValueError('one feature dimension per encoder')
-        if len(encoders) < 1: raise ValueError('a JointModel needs at least one encoder')
-        if head not in ('concat', 'orth'): raise ValueError(f"head must be 'concat' or 'orth', got {head!r}")
-        if orth not in ('rownorm', 'orthonormal'): raise ValueError(f"orth must be 'rownorm' or 'orthonormal', got {orth!r}")
+        _check_joint(encoders, feat_dims, head, orth)
         self.head, self.orth, self.n_classes = head, orth, n_classes
         self.feat_dims = tuple(int(d) for d in feat_dims)
         self.encoders = nn.ModuleList(encoders)
-        fc = nn.Linear(sum(self.feat_dims), n_classes)      # PyTorch's default init of one Linear over the concatenation
-        self.fcs = nn.ModuleList(nn.Linear(d, n_classes, bias=False) for d in self.feat_dims)
-        with torch.no_grad():
-            for lin, w in zip(self.fcs, fc.weight.split(self.feat_dims, dim=1)): lin.weight.copy_(w)
-        self.bias = nn.Parameter(fc.bias.detach().clone())
-        M = len(self.feat_dims)
-        if head == 'orth':
-            if isinstance(a_init, bool) or not isinstance(a_init, (int, float)) or not math.isfinite(a_init):
-                raise ValueError(f'a_init (the initial integration weights) must be a finite number, got {a_init!r}')
-            self.a = nn.Parameter(torch.full((M, n_classes), float(a_init)))
-            if orth == 'orthonormal':
-                bad = [d for d in self.feat_dims if d < n_classes]
-                if bad: raise ValueError(f"orth='orthonormal' needs feature dims >= n_classes={n_classes}, got {bad}")
-                for lin in self.fcs: parametrize.register_parametrization(lin, 'weight', QRRows())
-        else:
-            self.register_buffer('a', torch.ones(M, n_classes), persistent=False)
+        self._make_linear_head()
+        if head == 'orth': self._make_orth_head(a_init)
+        else: self.register_buffer('a', torch.ones(len(self.feat_dims), n_classes), persistent=False)
 
-    @property
-    def n_modalities(self) -> int: return len(self.encoders)
-    @property
-    def integration(self) -> torch.Tensor:
-        "The (M, K) integration weights a (ones for the concat head)."
-        return self.a
-    def head_weights(self) -> tuple:
-        "The effective per-modality weights W^(m) (concat) or W̃^(m) (orth), each (K, d_m)."
-        ws = tuple(lin.weight for lin in self.fcs)
-        return tuple(rownorm(w) for w in ws) if self.head == 'orth' and self.orth == 'rownorm' else ws
-    def features(self, xs) -> tuple:
-        "φ^(m)(x^(m)) for each modality."
-        if len(xs) != self.n_modalities:
-            raise ValueError(f'model has {self.n_modalities} modalities but got {len(xs)} inputs')
-        return tuple(enc(x) for enc, x in zip(self.encoders, xs))
-    def fuse(self, feats) -> MMOutput:
-        "h = Σ_m a^(m) ⊙ (W^(m) φ^(m)) + b from features."
-        uni = tuple(f @ w.t() for f, w in zip(feats, self.head_weights()))
-        logits = sum(a * u for a, u in zip(self.a, uni)) + self.bias
-        return MMOutput(logits, uni, tuple(feats))
-    def forward(self, *xs) -> MMOutput:
-        "Call as `model(x1, x2, ...)` or `model(xs)` with a tuple."
-        if len(xs) == 1 and isinstance(xs[0], (tuple, list)): xs = tuple(xs[0])
-        return self.fuse(self.features(xs))
+# %% ../nbs/02_models.ipynb #64ef7bd5
+@patch_to(JointModel)
+def _make_linear_head(self):
+    "W^(m) (one bias-free Linear per modality) and b, from the default init of one Linear over the concatenation."
+    fc = nn.Linear(sum(self.feat_dims), self.n_classes)      # PyTorch's default init of one Linear over the concatenation
+    self.fcs = nn.ModuleList(nn.Linear(d, self.n_classes, bias=False) for d in self.feat_dims)
+    with torch.no_grad():
+        for lin, w in zip(self.fcs, fc.weight.split(self.feat_dims, dim=1)): lin.weight.copy_(w)
+    self.bias = nn.Parameter(fc.bias.detach().clone())
 
+# %% ../nbs/02_models.ipynb #791d0965
+@patch_to(JointModel)
+def _make_orth_head(self, a_init: float):
+    "a = `a_init` (M, K) as a Parameter; W̃^(m) = QR rows of W^(m) for `orth='orthonormal'`."
+    if isinstance(a_init, bool) or not isinstance(a_init, (int, float)) or not math.isfinite(a_init):
+        raise ValueError(f'a_init (the initial integration weights) must be a finite number, got {a_init!r}')
+    self.a = nn.Parameter(torch.full((len(self.feat_dims), self.n_classes), float(a_init)))
+    if self.orth == 'orthonormal':
+        bad = [d for d in self.feat_dims if d < self.n_classes]
+        if bad: raise ValueError(f"orth='orthonormal' needs feature dims >= n_classes={self.n_classes}, got {bad}")
+        for lin in self.fcs: parametrize.register_parametrization(lin, 'weight', QRRows())
+
+# %% ../nbs/02_models.ipynb #b789e77e
+@patch_to(JointModel, as_prop=True)
+def n_modalities(self) -> int: return len(self.encoders)
+
+@patch_to(JointModel, as_prop=True)
+def integration(self) -> torch.Tensor:
+    "The (M, K) integration weights a (ones for the concat head)."
+    return self.a
+
+@patch_to(JointModel)
+def head_weights(self) -> tuple:
+    "The effective per-modality weights W^(m) (concat) or W̃^(m) (orth), each (K, d_m)."
+    ws = tuple(lin.weight for lin in self.fcs)
+    return tuple(rownorm(w) for w in ws) if self.head == 'orth' and self.orth == 'rownorm' else ws
+
+# %% ../nbs/02_models.ipynb #a7fa6df8
+@patch_to(JointModel)
+def features(self, xs) -> tuple:
+    "φ^(m)(x^(m)) for each modality."
+    if len(xs) != self.n_modalities:
+        raise ValueError(f'model has {self.n_modalities} modalities but got {len(xs)} inputs')
+    return tuple(enc(x) for enc, x in zip(self.encoders, xs))
+
+@patch_to(JointModel)
+def fuse(self, feats) -> MMOutput:
+    "h = Σ_m a^(m) ⊙ (W^(m) φ^(m)) + b from features."
+    uni = tuple(f @ w.t() for f, w in zip(feats, self.head_weights()))
+    logits = sum(a * u for a, u in zip(self.a, uni)) + self.bias
+    return MMOutput(logits, uni, tuple(feats))
+
+# %% ../nbs/02_models.ipynb #2a04cb80
+@patch_to(JointModel)
+def forward(self, *xs) -> MMOutput:
+    "Call as `model(x1, x2, ...)` or `model(xs)` with a tuple."
+    if len(xs) == 1 and isinstance(xs[0], (tuple, list)): xs = tuple(xs[0])
+    return self.fuse(self.features(xs))
+
+# %% ../nbs/02_models.ipynb #f7c2c126
 def joint_model(shapes: Sequence[Sequence[int]], n_classes: int, head: str = 'concat', orth: str = 'rownorm',
                 d_feat: int = 64, a_init: float = 0.1) -> JointModel:
     "A `JointModel` with `small_encoder`s for the given input shapes (the `mini` models); orth head: a^(m) starts at `a_init`."
@@ -131,6 +164,7 @@ def _check_input(x: torch.Tensor, ndim: int, ch: int, what: str):
         raise ValueError(f'{what} expects a {ndim}-D input {layout} with C={ch}, got shape {got}'
                          + (' (add the channel dim: x.unsqueeze(1))' if ndim == 4 and isinstance(x, torch.Tensor) and x.ndim == 3 else ''))
 
+# %% ../nbs/02_models.ipynb #4e93dd01
 class Normalize(nn.Module):
     "(x − mean) / std per channel (dim 1), for inputs of any rank ≥ 2; the model's first layer."
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
@@ -144,39 +178,50 @@ class Normalize(nn.Module):
 # %% ../nbs/02_models.ipynb #c6f4c3db
 def _pair(p): return (int(p), int(p)) if isinstance(p, int) else tuple(int(q) for q in p)
 
+# %% ../nbs/02_models.ipynb #d2388ba5
 def transformer_layers(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> nn.Sequential:
     "`depth` pre-norm transformer encoder layers (GELU MLP), batch first; depth 0 is the identity."
     return nn.Sequential(*[nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout, activation='gelu',
                                                       batch_first=True, norm_first=True) for _ in range(depth)])
 
+# %% ../nbs/02_models.ipynb #087a2cb6
+def _stream_geometry(in_shape: tuple, patch) -> tuple:
+    "(C, patch (ph, pw), N = T·(H // ph)·(W // pw) tokens) of a (C,H,W) or (C,T,H,W) input; clear errors."
+    if len(in_shape) not in (3, 4): raise ValueError(f'TokenStream input shape must be (C,H,W) or (C,T,H,W), got {in_shape}')
+    C, H, W = in_shape[0], *in_shape[-2:]
+    T = in_shape[1] if len(in_shape) == 4 else 1
+    p = _pair(patch)
+    if H < p[0] or W < p[1]: raise ValueError(f'patch {p} larger than the input {(H, W)}')
+    return C, p, T * (H // p[0]) * (W // p[1])
+
+# %% ../nbs/02_models.ipynb #24ef1032
 class TokenStream(nn.Module):
     "One MMT modality: normalise → patch embedding → [class token; patches] + position → L_m layers → (B, 1+N, dim)."
     def __init__(self, in_shape: Sequence[int], dim: int, patch=16, depth: int = 1, heads: int = 4,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, mean=None, std=None):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
-        if len(self.in_shape) not in (3, 4): raise ValueError(f'TokenStream input shape must be (C,H,W) or (C,T,H,W), got {self.in_shape}')
-        C, H, W = self.in_shape[0], *self.in_shape[-2:]
-        T = self.in_shape[1] if len(self.in_shape) == 4 else 1
-        p = _pair(patch)
-        if H < p[0] or W < p[1]: raise ValueError(f'patch {p} larger than the input {(H, W)}')
+        C, p, self.n_tokens = _stream_geometry(self.in_shape, patch)
         self.norm = Normalize(mean, std) if mean is not None else nn.Identity()
         self.embed = nn.Conv2d(C, dim, p, stride=p)                     # linear embedding of non-overlapping patches
-        self.n_tokens = T * (H // p[0]) * (W // p[1])
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, 1 + self.n_tokens, dim))
         nn.init.trunc_normal_(self.cls, std=0.02); nn.init.trunc_normal_(self.pos, std=0.02)
         self.layers = transformer_layers(dim, depth, heads, mlp_ratio, dropout)
-    def forward(self, x):
-        _check_input(x, len(self.in_shape) + 1, self.in_shape[0], 'TokenStream')
-        if tuple(x.shape[1:]) != self.in_shape:
-            raise ValueError(f'this MMT stream was built for inputs {self.in_shape}, got {tuple(x.shape[1:])}: '
-                             'build the model with the matching frame/spectrogram size')
-        B = x.shape[0]
-        if x.ndim == 5: x = x.transpose(1, 2).reshape(-1, *x.shape[-4:-3], *x.shape[-2:])   # fold T: (B·T, C, H, W)
-        e = self.embed(self.norm(x)).flatten(2).transpose(1, 2).reshape(B, self.n_tokens, -1)
-        return self.layers(torch.cat([self.cls.expand(B, -1, -1), e], 1) + self.pos)
 
+# %% ../nbs/02_models.ipynb #703dc5e8
+@patch_to(TokenStream)
+def forward(self, x):
+    _check_input(x, len(self.in_shape) + 1, self.in_shape[0], 'TokenStream')
+    if tuple(x.shape[1:]) != self.in_shape:
+        raise ValueError(f'this MMT stream was built for inputs {self.in_shape}, got {tuple(x.shape[1:])}: '
+                         'build the model with the matching frame/spectrogram size')
+    B = x.shape[0]
+    if x.ndim == 5: x = x.transpose(1, 2).reshape(-1, *x.shape[-4:-3], *x.shape[-2:])   # fold T: (B·T, C, H, W)
+    e = self.embed(self.norm(x)).flatten(2).transpose(1, 2).reshape(B, self.n_tokens, -1)
+    return self.layers(torch.cat([self.cls.expand(B, -1, -1), e], 1) + self.pos)
+
+# %% ../nbs/02_models.ipynb #b138bf1d
 class MMT(JointModel):
     "Multi-modal transformer with hierarchical attention; φ^(m) = class token m after the joint layers; JointModel head."
     def __init__(self, streams: Sequence[TokenStream], dim: int, n_classes: int, depth_joint: int = 1, heads: int = 4,
@@ -185,11 +230,14 @@ class MMT(JointModel):
         super().__init__(streams, [dim] * len(streams), n_classes, head, orth, a_init)
         self.joint = transformer_layers(dim, depth_joint, heads, mlp_ratio, dropout)
         self.out_norm = nn.LayerNorm(dim)
-    def features(self, xs) -> tuple:
-        "Class tokens of each modality after the joint layers (each depends on ALL inputs)."
-        if len(xs) != self.n_modalities:
-            raise ValueError(f'model has {self.n_modalities} modalities but got {len(xs)} inputs')
-        toks = [s(x) for s, x in zip(self.encoders, xs)]
-        z = self.out_norm(self.joint(torch.cat(toks, 1)))
-        starts = [0, *itertools.accumulate(t.shape[1] for t in toks[:-1])]     # where each class token sits
-        return tuple(z[:, s] for s in starts)
+
+# %% ../nbs/02_models.ipynb #27a444f3
+@patch_to(MMT)
+def features(self, xs) -> tuple:
+    "Class tokens of each modality after the joint layers (each depends on ALL inputs)."
+    if len(xs) != self.n_modalities:
+        raise ValueError(f'model has {self.n_modalities} modalities but got {len(xs)} inputs')
+    toks = [s(x) for s, x in zip(self.encoders, xs)]
+    z = self.out_norm(self.joint(torch.cat(toks, 1)))
+    starts = [0, *itertools.accumulate(t.shape[1] for t in toks[:-1])]     # where each class token sits
+    return tuple(z[:, s] for s in starts)

@@ -25,6 +25,8 @@ _T1 = {  # method: (KS, UCF101, VGGSound) × (clean, FGM, PGD)
     'CRMT-AT':  [(0.762, 0.608, 0.602), (0.759, 0.614, 0.602), (0.538, 0.422, 0.414)],
     'CRMT-Mix': [(0.744, 0.514, 0.491), (0.769, 0.430, 0.191), (0.537, 0.328, 0.184)],
 }
+
+# %% ../nbs/10_paper.ipynb #050b0bc9
 _T2 = {  # KS: clean, FGM #v, FGM #a, PGD #v, PGD #a, missing #v, missing #a
     'JT':       (0.643, 0.616, 0.143, 0.616, 0.110, 0.480, 0.230),
     'GB':       (0.704, 0.658, 0.195, 0.656, 0.157, 0.483, 0.430),
@@ -37,6 +39,8 @@ _T2 = {  # KS: clean, FGM #v, FGM #a, PGD #v, PGD #a, missing #v, missing #a
     'CRMT-AT':  (0.762, 0.703, 0.488, 0.698, 0.464, 0.547, 0.626),
     'CRMT-Mix': (0.744, 0.706, 0.377, 0.704, 0.320, 0.572, 0.566),
 }
+
+# %% ../nbs/10_paper.ipynb #503b44d0
 _T3 = {'MMT': (0.465, 0.433, 0.259, 0.431, 0.228, 0.331, 0.326),
        'CRMT-MMT': (0.471, 0.440, 0.276, 0.428, 0.237, 0.344, 0.340)}
 _F1 = {
@@ -49,15 +53,22 @@ _F1 = {
     ('MSEFM', 'v'): (.588, .584, .582, .576, .567, .557, .551, .543, .536, .532),
     ('MSEFM', 'a'): (.523, .350, .239, .169, .100, .068, .055, .045, .038, .035),
 }
+
+# %% ../nbs/10_paper.ipynb #00699317
 _MOD = {'v': 'visual', 'a': 'audio', 'multi': 'all', 'none': 'none'}
 
-def _rows_crmt():
+def _rows_t1() -> list:
     r = []
     for m, per_ds in _T1.items():
         for ds, vals in zip(('KS', 'UCF101', 'VGGSound'), per_ds):
             for attack, v in zip(('clean', 'fgm', 'pgd'), vals):
                 r.append(dict(item='table1', dataset=ds, method=m, attack=attack, modality='all' if attack != 'clean' else 'none',
                               eps=0.0 if attack == 'clean' else 0.5, metric='accuracy', value=v))
+    return r
+
+# %% ../nbs/10_paper.ipynb #f68fb28d
+def _rows_t23() -> list:
+    r = []
     cols = [('clean', 'none', 0.0), ('fgm', 'v', 1.0), ('fgm', 'a', 1.0), ('pgd', 'v', 1.0), ('pgd', 'a', 1.0),
             ('missing', 'v', 0.0), ('missing', 'a', 0.0)]
     for item, table, ds in (('table2', _T2, 'KS'), ('table3', _T3, 'VGGSound')):
@@ -65,10 +76,17 @@ def _rows_crmt():
         for m, vals in table.items():
             for (attack, mod, eps), v in zip(c, vals):
                 r.append(dict(item=item, dataset=ds, method=m, attack=attack, modality=_MOD[mod], eps=eps, metric='accuracy', value=v))
+    return r
+
+# %% ../nbs/10_paper.ipynb #54030141
+def _rows_f1() -> list:
+    r = []
     for (m, mod), vals in _F1.items():
         for eps, v in zip(FIG1_RADII, vals):
             r.append(dict(item='fig1', dataset='KS', method=m, attack='pgd', modality=_MOD[mod], eps=eps, metric='accuracy', value=v))
     return r
+
+def _rows_crmt(): return _rows_t1() + _rows_t23() + _rows_f1()
 
 # %% ../nbs/10_paper.ipynb #0964c5f4
 _SOE_T3 = {  # eps 0.01..0.07: (mean, std) in %
@@ -80,19 +98,35 @@ _SOE_T3 = {  # eps 0.01..0.07: (mean, std) in %
 }
 SOE_EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
 
-def _rows_soe():
+# %% ../nbs/10_paper.ipynb #d56d46e5
+def _rows_soe_t2() -> list:
+    "Table 2: clean accuracy of SoE and its sub-models."
     r = []
     for m, v in (('SoE', 85.6), ('sub-model 1', 83.9), ('sub-model 2', 84.2), ('sub-model 3', 83.9)):
         r.append(dict(item='table2', dataset='CIFAR-10', method=m, attack='clean', modality='none', eps=0.0, metric='accuracy', value=v / 100))
+    return r
+
+# %% ../nbs/10_paper.ipynb #ebfc1f65
+def _rows_soe_t3() -> list:
+    "Table 3: Square-attack accuracy (mean and std over runs) over ε."
+    r = []
     for m, vals in _SOE_T3.items():
         for eps, (mu, sd) in zip(SOE_EPS, vals):
             r.append(dict(item='table3', dataset='CIFAR-10', method=m, attack='square', modality='none', eps=eps, metric='accuracy', value=mu / 100))
             r.append(dict(item='table3', dataset='CIFAR-10', method=m, attack='square', modality='none', eps=eps, metric='accuracy_std', value=sd / 100))
+    return r
+
+# %% ../nbs/10_paper.ipynb #6b62016c
+def _rows_soe_t4() -> list:
+    "Table 4: clean accuracy against the ResNet depth."
+    r = []
     for depth, single, soe in ((2, 65.0, 67.0), (8, 88.3, 89.5), (14, 90.5, 91.6), (20, 91.9, 92.5)):
         for m, v in (('single ResNet', single), ('SoE', soe)):
             r.append(dict(item='table4', dataset='CIFAR-10', method=m, attack='clean', modality='none', eps=0.0,
                           metric='accuracy', value=v / 100, depth=depth))
     return r
+
+def _rows_soe(): return _rows_soe_t2() + _rows_soe_t3() + _rows_soe_t4()
 
 # %% ../nbs/10_paper.ipynb #92fbdf54
 _PAPERS = {'crmt': _rows_crmt, 'soe': _rows_soe}

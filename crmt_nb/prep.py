@@ -35,16 +35,20 @@ class PrepSummary:
         if len(self.failed) > 20: s += f'\n  ... and {len(self.failed) - 20} more'
         return s
 
+# %% ../nbs/01c_prep.ipynb #ee0be6e9
+def _run_one(item) -> tuple:
+    "(id, job(), None) for an item (id, job) of `run_clips`, or (id, None, 'Type: message') when the job raises."
+    cid, job = item
+    try: return cid, job(), None
+    except Exception as e: return cid, None, f'{type(e).__name__}: {e}'.strip()
+
+# %% ../nbs/01c_prep.ipynb #64673e67
 def run_clips(command: str, jobs: dict[str, Callable[[], bool]], root: Path | None = None, workers: int = 1,
               progress: bool = True) -> PrepSummary:
     "Run `jobs` (id → job) with a progress bar on `workers` threads; failures are collected, summarised, logged."
     out = PrepSummary(command)
-    def one(item):
-        cid, job = item
-        try: return cid, job(), None
-        except Exception as e: return cid, None, f'{type(e).__name__}: {e}'.strip()
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        for cid, made, err in tqdm(ex.map(one, jobs.items()), total=len(jobs), desc=command, disable=not progress):
+        for cid, made, err in tqdm(ex.map(_run_one, jobs.items()), total=len(jobs), desc=command, disable=not progress):
             if err is not None: out.failed[cid] = err
             elif made: out.done.append(cid)
             else: out.present.append(cid)
@@ -53,6 +57,7 @@ def run_clips(command: str, jobs: dict[str, Callable[[], bool]], root: Path | No
             tmp.write_text(''.join(f'{k}\t{v}\n' for k, v in out.failed.items()))
     return out
 
+# %% ../nbs/01c_prep.ipynb #31ba1711
 def _replace_dir(tmp: Path, dst: Path):
     "Move the finished folder `tmp` onto `dst` (an older incomplete `dst` is removed only now)."
     if dst.exists(): shutil.rmtree(dst)
@@ -70,6 +75,7 @@ def require_ffmpeg() -> str:
                            'or `brew install ffmpeg` (macOS).')
     return exe
 
+# %% ../nbs/01c_prep.ipynb #1959aca5
 def find_clips(folder: str | Path, exts: Sequence[str] = VIDEO_EXTS) -> dict[str, Path]:
     "id (file stem) → path of every file with one of `exts` under `folder` (recursively); duplicate ids are an error."
     folder = Path(folder)
@@ -81,11 +87,13 @@ def find_clips(folder: str | Path, exts: Sequence[str] = VIDEO_EXTS) -> dict[str
             out[p.stem] = p
     return out
 
+# %% ../nbs/01c_prep.ipynb #82c19ad3
 def _ffmpeg(args: list, what: str):
     r = subprocess.run([require_ffmpeg(), '-nostdin', '-hide_banner', '-loglevel', 'error', '-y', *map(str, args)],
                        capture_output=True, text=True)
     if r.returncode != 0: raise RuntimeError(f'ffmpeg failed on {what}: {r.stderr.strip()[-300:]}')
 
+# %% ../nbs/01c_prep.ipynb #1b44d45a
 def extract_frames(video: str | Path, out_dir: str | Path, fps: float = 1.0) -> bool:
     "Frames of `video` as `out_dir/%06d.jpg` (1-based), `fps` per second (0: native); False if already done."
     out_dir = Path(out_dir)
@@ -100,6 +108,7 @@ def extract_frames(video: str | Path, out_dir: str | Path, fps: float = 1.0) -> 
         if tmp.exists(): shutil.rmtree(tmp)
     return True
 
+# %% ../nbs/01c_prep.ipynb #aea06b8c
 def prep_frames(videos: str | Path, root: str | Path, fps: float = 1.0, workers: int = 1, progress: bool = True) -> PrepSummary:
     "Every video under `videos` → `root/frames/<id>/%06d.jpg`."
     require_ffmpeg()
@@ -110,6 +119,7 @@ def prep_frames(videos: str | Path, root: str | Path, fps: float = 1.0, workers:
 # %% ../nbs/01c_prep.ipynb #376eb135
 def mel_scale(f): return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
 
+# %% ../nbs/01c_prep.ipynb #7ea03e5c
 def mel_banks(n_mels: int, n_fft: int, sr: float, low_freq: float = 20.0, high_freq: float = 0.0) -> torch.Tensor:
     "Kaldi's triangular mel filters, (n_mels, n_fft//2 + 1), the Nyquist column zero; `high_freq <= 0` is relative to Nyquist."
     nyq = 0.5 * sr
@@ -123,6 +133,16 @@ def mel_banks(n_mels: int, n_fft: int, sr: float, low_freq: float = 20.0, high_f
     w = torch.minimum((m - left) / (centre - left), (right - m) / (right - centre)).clamp_min(0)
     return torch.nn.functional.pad(w, (0, 1)).float()
 
+# %% ../nbs/01c_prep.ipynb #d2ce7664
+def _kaldi_frames(x: torch.Tensor, win: int, shift: int, preemph: float, remove_dc: bool) -> torch.Tensor:
+    "Frames x_k[i] = x[kS + i] (n, N), minus their mean, pre-emphasised x̂[i] = x̃[i] − 0.97 x̃[max(i−1, 0)], Hann-windowed."
+    n = 1 + (len(x) - win) // shift
+    fr = x.contiguous().as_strided((n, win), (shift, 1))
+    if remove_dc: fr = fr - fr.mean(1, keepdim=True)
+    if preemph: fr = fr - preemph * torch.cat([fr[:, :1], fr[:, :-1]], 1)
+    return fr * torch.hann_window(win, periodic=False, dtype=torch.float32)
+
+# %% ../nbs/01c_prep.ipynb #c1620b3d
 def kaldi_fbank(waveform: torch.Tensor, sr: float, n_mels: int = N_MELS, frame_length: float = 25.0,
                 frame_shift: float = 10.0, preemph: float = 0.97, remove_dc: bool = True,
                 low_freq: float = 20.0, high_freq: float = 0.0) -> torch.Tensor:
@@ -133,15 +153,11 @@ def kaldi_fbank(waveform: torch.Tensor, sr: float, n_mels: int = N_MELS, frame_l
     win, shift = int(sr * frame_length * 0.001), int(sr * frame_shift * 0.001)
     n_fft = 1 << (win - 1).bit_length()
     if len(x) < win: return torch.empty(0, n_mels)
-    n = 1 + (len(x) - win) // shift
-    fr = x.contiguous().as_strided((n, win), (shift, 1))
-    if remove_dc: fr = fr - fr.mean(1, keepdim=True)
-    if preemph: fr = fr - preemph * torch.cat([fr[:, :1], fr[:, :-1]], 1)
-    fr = fr * torch.hann_window(win, periodic=False, dtype=torch.float32)
-    power = torch.fft.rfft(fr, n=n_fft).abs().pow(2)
+    power = torch.fft.rfft(_kaldi_frames(x, win, shift, preemph, remove_dc), n=n_fft).abs().pow(2)
     mel = power @ mel_banks(n_mels, n_fft, sr, low_freq, high_freq).T
     return mel.clamp_min(torch.finfo(torch.float32).eps).log()
 
+# %% ../nbs/01c_prep.ipynb #2f3b4ea1
 def spectrogram(waveform: torch.Tensor, sr: float, n_frames: int = AUDIO_FRAMES) -> np.ndarray:
     "The authors' audio input: fbank of `waveform − mean`, zero-padded/trimmed to `n_frames`, normalised; float32 (n_frames, 128)."
     x = torch.as_tensor(waveform, dtype=torch.float32)
@@ -151,6 +167,27 @@ def spectrogram(waveform: torch.Tensor, sr: float, n_frames: int = AUDIO_FRAMES)
     return ((fb - AUDIO_MEAN) / (2 * AUDIO_STD)).numpy().astype(np.float32)
 
 # %% ../nbs/01c_prep.ipynb #99d0e1a6
+def _pcm_to_float(raw: bytes, width: int, path) -> np.ndarray:
+    "Interleaved PCM samples of `width` bytes → float32 in [-1, 1), scaled as `torchaudio.load` (int16 / 2¹⁵ etc.)."
+    if width == 1: return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    if width == 2: return np.frombuffer(raw, '<i2').astype(np.float32) / 2 ** 15
+    if width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        return ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2 ** 23
+    if width == 4: return np.frombuffer(raw, '<i4').astype(np.float32) / 2 ** 31
+    raise ValueError(f'{path}: unsupported sample width {width}')
+
+# %% ../nbs/01c_prep.ipynb #02a30989
+def _read_float_wav(path: Path, err) -> tuple[torch.Tensor, int]:
+    "A WAV that `wave` cannot read (`err`): float samples through scipy when it is installed."
+    try: from scipy.io import wavfile
+    except ImportError: raise ValueError(f'{path}: not a PCM WAV ({err}) and scipy is not installed to read it') from None
+    sr, a = wavfile.read(str(path))
+    a = np.asarray(a); a = a[:, None] if a.ndim == 1 else a
+    if a.dtype.kind != 'f': raise ValueError(f'{path}: unsupported WAV ({err})')
+    return torch.from_numpy(a.T.astype(np.float32).copy()), int(sr)
+
+# %% ../nbs/01c_prep.ipynb #49180dd9
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
     "(channels, T) float32 in [-1, 1) and the sample rate of a WAV file."
     path = Path(path)
@@ -158,22 +195,10 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
         with wave.open(str(path), 'rb') as w:
             ch, width, sr, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
             raw = w.readframes(n)
-    except wave.Error as e:
-        try: from scipy.io import wavfile
-        except ImportError: raise ValueError(f'{path}: not a PCM WAV ({e}) and scipy is not installed to read it') from None
-        sr, a = wavfile.read(str(path))
-        a = np.asarray(a); a = a[:, None] if a.ndim == 1 else a
-        if a.dtype.kind != 'f': raise ValueError(f'{path}: unsupported WAV ({e})')
-        return torch.from_numpy(a.T.astype(np.float32).copy()), int(sr)
-    if width == 1: a = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
-    elif width == 2: a = np.frombuffer(raw, '<i2').astype(np.float32) / 2 ** 15
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        a = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2 ** 23
-    elif width == 4: a = np.frombuffer(raw, '<i4').astype(np.float32) / 2 ** 31
-    else: raise ValueError(f'{path}: unsupported sample width {width}')
-    return torch.from_numpy(a.reshape(-1, ch).T.copy()), sr
+    except wave.Error as e: return _read_float_wav(path, e)
+    return torch.from_numpy(_pcm_to_float(raw, width, path).reshape(-1, ch).T.copy()), sr
 
+# %% ../nbs/01c_prep.ipynb #14725dd1
 def write_wav(path: str | Path, x: torch.Tensor, sr: int):
     "Write (T,) or (channels, T) float in [-1, 1] as 16-bit PCM (for tests and fixtures)."
     x = torch.as_tensor(x, dtype=torch.float32); x = x[None] if x.dim() == 1 else x
@@ -181,23 +206,29 @@ def write_wav(path: str | Path, x: torch.Tensor, sr: int):
     with wave.open(str(path), 'wb') as w:
         w.setnchannels(x.shape[0]); w.setsampwidth(2); w.setframerate(sr); w.writeframes(a.tobytes())
 
+# %% ../nbs/01c_prep.ipynb #45b45f1d
+def _audio_of(src: Path, sr: int) -> tuple[torch.Tensor, int]:
+    "Waveform and rate of a .wav, or of a video's audio as ffmpeg extracts it (mono 16-bit PCM at `sr`)."
+    if src.suffix.lower() == '.wav': return read_wav(src)
+    with tempfile.TemporaryDirectory() as d:
+        wav = Path(d) / 'a.wav'
+        _ffmpeg(['-i', src, '-vn', '-ac', 1, '-ar', sr, '-acodec', 'pcm_s16le', wav], src)
+        return read_wav(wav)
+
+# %% ../nbs/01c_prep.ipynb #5dbbc4c7
 def extract_spectrogram(src: str | Path, out: str | Path, sr: int = 16000) -> bool:
     "`src` (a .wav, or a video whose audio ffmpeg extracts at `sr` mono) → `out` .npy (1024, 128); False if done."
     src, out = Path(src), Path(out)
     if out.exists():
         try: check_spectrogram(out, out.stem); return False
         except ClipError: pass                                   # a bad old file: remake it
-    if src.suffix.lower() == '.wav': x, rate = read_wav(src)
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            wav = Path(d) / 'a.wav'
-            _ffmpeg(['-i', src, '-vn', '-ac', 1, '-ar', sr, '-acodec', 'pcm_s16le', wav], src)
-            x, rate = read_wav(wav)
+    x, rate = _audio_of(src, sr)
     spec = spectrogram(x, rate)
     with atomic_path(out) as tmp:
         with open(tmp, 'wb') as f: np.save(f, spec)
     return True
 
+# %% ../nbs/01c_prep.ipynb #1bf6ac52
 def prep_audio(videos: str | Path, root: str | Path, sr: int = 16000, workers: int = 1, progress: bool = True) -> PrepSummary:
     "Every video or .wav under `videos` → `root/audio/<id>.npy`; a .wav is used in preference to a video of the same id."
     root = Path(root); clips = find_clips(videos, VIDEO_EXTS)
@@ -220,10 +251,26 @@ def tvl1_factory() -> Callable:
         if f is not None: return f
     raise RuntimeError(OPENCV_HINT + ' (the installed cv2 has no TV-L1: it is the build without contrib)')
 
+# %% ../nbs/01c_prep.ipynb #7fc037a0
 def quantize_flow(f: np.ndarray, bound: float = FLOW_BOUND) -> np.ndarray:
     "uint8 `round((f + bound) * 255 / (2 bound))` clipped to [0, 255]."
     return np.clip(np.round((np.asarray(f, dtype=np.float64) + bound) * 255 / (2 * bound)), 0, 255).astype(np.uint8)
 
+# %% ../nbs/01c_prep.ipynb #7a7eaf9d
+def _flow_frames(frames_dir: Path, dst: Path, n: int, tvl1, bound: float):
+    "TV-L1 flow of grey frames t, t+1 (t = 1..n−1) of `frames_dir`, quantised, as `dst/{u,v}/%06d.jpg`."
+    (dst / 'u').mkdir(); (dst / 'v').mkdir()
+    grey = lambda t: read_jpeg(frames_dir / frame_name(t), frames_dir.name, grey=True)[0].numpy()
+    prev = grey(1)
+    for t in range(1, n):
+        nxt = grey(t + 1)
+        f = tvl1.calc(prev, nxt, None)
+        for c, k in (('u', 0), ('v', 1)):
+            q = torch.from_numpy(quantize_flow(f[..., k], bound)).unsqueeze(0)
+            write_jpeg(dst / c / frame_name(t), q, quality=95)
+        prev = nxt
+
+# %% ../nbs/01c_prep.ipynb #50721066
 def flow_clip(frames_dir: str | Path, out_dir: str | Path, bound: float = FLOW_BOUND, factory: Callable | None = None) -> bool:
     "TV-L1 flow of consecutive frames of `frames_dir` → `out_dir/{u,v}/%06d.jpg`; False if already complete."
     frames_dir, out_dir = Path(frames_dir), Path(out_dir)
@@ -234,21 +281,13 @@ def flow_clip(frames_dir: str | Path, out_dir: str | Path, bound: float = FLOW_B
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', suffix='.tmp', dir=out_dir.parent))
     try:
-        (tmp / 'u').mkdir(); (tmp / 'v').mkdir()
-        grey = lambda t: read_jpeg(frames_dir / frame_name(t), frames_dir.name, grey=True)[0].numpy()
-        prev = grey(1)
-        for t in range(1, n):
-            nxt = grey(t + 1)
-            f = tvl1.calc(prev, nxt, None)
-            for c, k in (('u', 0), ('v', 1)):
-                q = torch.from_numpy(quantize_flow(f[..., k], bound)).unsqueeze(0)
-                write_jpeg(tmp / c / frame_name(t), q, quality=95)
-            prev = nxt
+        _flow_frames(frames_dir, tmp, n, tvl1, bound)
         _replace_dir(tmp, out_dir)
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
     return True
 
+# %% ../nbs/01c_prep.ipynb #21835aae
 def prep_flow(root: str | Path, bound: float = FLOW_BOUND, workers: int = 1, progress: bool = True,
               factory: Callable | None = None) -> PrepSummary:
     "Every clip of `root/frames` → `root/flow/<id>/{u,v}`."
@@ -267,6 +306,7 @@ def _rows_csv(path, id_format=None):
         if not need <= set(r.fieldnames or ()): raise ValueError(f'{path}: the header must have columns {sorted(need)}, got {r.fieldnames}')
         return [(row['id'], row['label'], row['split'].strip().lower()) for row in r]
 
+# %% ../nbs/01c_prep.ipynb #e52bd939
 def _rows_vggsound(path, id_format=None):
     fmt, out = id_format or '{ytid}_{start:06d}', []
     with open(path, newline='') as f:
@@ -276,6 +316,7 @@ def _rows_vggsound(path, id_format=None):
             out.append((fmt.format(ytid=row[0], start=int(float(row[1])), end=int(float(row[1])) + 10), row[2], row[3].strip()))
     return out
 
+# %% ../nbs/01c_prep.ipynb #d5005a7c
 def _rows_kinetics(path, id_format=None):
     fmt, out = id_format or '{ytid}_{start:06d}_{end:06d}', []
     split_map = {'train': 'train', 'validate': 'test', 'val': 'test', 'valid': 'test'}
@@ -289,6 +330,7 @@ def _rows_kinetics(path, id_format=None):
                         row['label'], split_map[row['split']]))
     return out
 
+# %% ../nbs/01c_prep.ipynb #8001642a
 def _rows_ucf101(folder, split=1):
     folder = Path(folder)
     classes = {}
@@ -302,6 +344,17 @@ def _rows_ucf101(folder, split=1):
             out.append((Path(rel).stem, rel.split('/')[0], part))
     return out, [n for n, _ in sorted(classes.items(), key=lambda kv: kv[1])]
 
+# %% ../nbs/01c_prep.ipynb #f93f151d
+def _split_lines(root: Path, rows, idx: dict, only_present: bool) -> tuple:
+    "split → `<id> <class index>` lines of the rows of a class in `idx` (with frames, if `only_present`); the counts left out."
+    parts, dropped, absent = {}, 0, 0
+    for cid, c, s in rows:
+        if c not in idx: dropped += 1; continue
+        if only_present and count_frames(root / 'frames' / cid) == 0: absent += 1; continue
+        parts.setdefault(s, []).append(f'{cid} {idx[c]}\n')
+    return parts, dropped, absent
+
+# %% ../nbs/01c_prep.ipynb #713404b9
 def write_lists(root: str | Path, rows: Sequence[tuple[str, str, str]], classes: Sequence[str] | None = None,
                 only_present: bool = False) -> dict:
     "rows (id, class name, split) → `root/lists/<split>.txt` and `root/classes.txt`; returns counts."
@@ -310,29 +363,32 @@ def write_lists(root: str | Path, rows: Sequence[tuple[str, str, str]], classes:
     idx = {c: k for k, c in enumerate(classes)}
     bad_split = {s for _, _, s in rows} - {'train', 'val', 'test'}
     if bad_split: raise ValueError(f'unknown split name(s) {sorted(bad_split)}; use train, val, test')
-    parts, dropped, absent = {}, 0, 0
-    for cid, c, s in rows:
-        if c not in idx: dropped += 1; continue
-        if only_present and count_frames(root / 'frames' / cid) == 0: absent += 1; continue
-        parts.setdefault(s, []).append(f'{cid} {idx[c]}\n')
+    parts, dropped, absent = _split_lines(root, rows, idx, only_present)
     if 'train' not in parts or 'test' not in parts: raise ValueError(f'no train or no test clips left (splits: {sorted(parts)})')
     for s, lines in parts.items():
         with atomic_path(root / 'lists' / f'{s}.txt') as tmp: tmp.write_text(''.join(lines))
     with atomic_path(root / 'classes.txt') as tmp: tmp.write_text(''.join(f'{c}\n' for c in classes))
     return {'classes': len(classes), **{s: len(v) for s, v in parts.items()}, 'other_classes': dropped, 'absent': absent}
 
+# %% ../nbs/01c_prep.ipynb #c9e99669
+def _rows_list(train, test, val, classes) -> tuple:
+    "Rows from lists already in `<id> <label>` form, and the classes (`classes` if given, else '0'..'K−1')."
+    rows = []
+    for s, p in (('train', train), ('test', test), ('val', val)):
+        if p: rows += [(cid, str(lab), s) for cid, lab in read_list(p)]
+    if classes is None:
+        k = 1 + max(int(c) for _, c, _ in rows); classes = [str(i) for i in range(k)]
+    else: rows = [(cid, classes[int(c)], s) for cid, c, s in rows]
+    return rows, classes
+
+# %% ../nbs/01c_prep.ipynb #9cd35b10
 def prep_lists(root, format: str, csv_file=None, train=None, test=None, val=None, ucf_splits=None, split: int = 1,
                classes_file=None, id_format=None, only_present: bool = False) -> dict:
     "Split lists in the layout from the official files (see the table above)."
     classes = [l.strip() for l in Path(classes_file).read_text().splitlines() if l.strip()] if classes_file else None
     if format == 'list':
         if not (train and test): raise ValueError('--format list needs --train and --test')
-        rows = []
-        for s, p in (('train', train), ('test', test), ('val', val)):
-            if p: rows += [(cid, str(lab), s) for cid, lab in read_list(p)]
-        if classes is None:
-            k = 1 + max(int(c) for _, c, _ in rows); classes = [str(i) for i in range(k)]
-        else: rows = [(cid, classes[int(c)], s) for cid, c, s in rows]
+        rows, classes = _rows_list(train, test, val, classes)
     elif format == 'ucf101':
         if not ucf_splits: raise ValueError('--format ucf101 needs --ucf-splits (the ucfTrainTestlist folder)')
         rows, cls = _rows_ucf101(ucf_splits, split); classes = classes or cls
@@ -354,10 +410,9 @@ def check_data(dataset: str, root, full: bool = False) -> dict:
     for k, v in bad.items(): print(f'  {k}: {v}')
     return bad
 
-def prep_cli(argv: Sequence[str] | None = None):
-    "Entry point of `python -m crmt_nb.prep` / `crmt-prep`."
-    p = argparse.ArgumentParser(prog='python -m crmt_nb.prep', description='Preprocess the papers\' datasets into the crmt_nb.paper_data layout.')
-    sub = p.add_subparsers(dest='command', required=True)
+# %% ../nbs/01c_prep.ipynb #ef664ef5
+def _add_media_commands(sub):
+    "The `frames`, `audio` and `flow` sub-commands."
     a = sub.add_parser('frames', help='videos -> ROOT/frames/<id>/%%06d.jpg')
     a.add_argument('--videos', required=True); a.add_argument('--root', required=True)
     a.add_argument('--fps', type=float, default=1.0, help='frames per second (0 = native; UCF101)')
@@ -369,6 +424,10 @@ def prep_cli(argv: Sequence[str] | None = None):
     a = sub.add_parser('flow', help='ROOT/frames -> ROOT/flow/<id>/{u,v}/%%06d.jpg (TV-L1, needs OpenCV contrib)')
     a.add_argument('--root', required=True); a.add_argument('--bound', type=float, default=FLOW_BOUND)
     a.add_argument('--workers', type=int, default=1)
+
+# %% ../nbs/01c_prep.ipynb #941e768f
+def _add_list_commands(sub):
+    "The `lists` and `check` sub-commands."
     a = sub.add_parser('lists', help='official split files -> ROOT/lists/*.txt and ROOT/classes.txt')
     a.add_argument('--root', required=True)
     a.add_argument('--format', required=True, choices=['list', 'csv', 'vggsound', 'kinetics', 'ucf101'])
@@ -379,15 +438,31 @@ def prep_cli(argv: Sequence[str] | None = None):
     a = sub.add_parser('check', help='build the datasets and report unusable clips')
     a.add_argument('--dataset', required=True, choices=['ks', 'vggsound', 'ucf101'])
     a.add_argument('--root', required=True); a.add_argument('--full', action='store_true')
-    args = p.parse_args(argv)
-    try:
-        if args.command == 'frames': res = prep_frames(args.videos, args.root, args.fps, args.workers)
-        elif args.command == 'audio': res = prep_audio(args.videos, args.root, args.sr, args.workers)
-        elif args.command == 'flow': res = prep_flow(args.root, args.bound, args.workers)
-        elif args.command == 'lists':
-            res = prep_lists(args.root, args.format, args.csv, args.train, args.test, args.val, args.ucf_splits,
-                             args.split, args.classes, args.id_format, args.only_present)
-        else: res = check_data(args.dataset, args.root, args.full)
+
+# %% ../nbs/01c_prep.ipynb #c0ba2416
+def _cli_parser() -> argparse.ArgumentParser:
+    "The parser of `python -m crmt_nb.prep`: one sub-command per preprocessing step."
+    p = argparse.ArgumentParser(prog='python -m crmt_nb.prep', description='Preprocess the papers\' datasets into the crmt_nb.paper_data layout.')
+    sub = p.add_subparsers(dest='command', required=True)
+    _add_media_commands(sub); _add_list_commands(sub)
+    return p
+
+# %% ../nbs/01c_prep.ipynb #c8651098
+def _cli_run(args):
+    "Run the parsed command: a `PrepSummary` (frames, audio, flow), the counts (lists) or the bad clips (check)."
+    if args.command == 'frames': return prep_frames(args.videos, args.root, args.fps, args.workers)
+    if args.command == 'audio': return prep_audio(args.videos, args.root, args.sr, args.workers)
+    if args.command == 'flow': return prep_flow(args.root, args.bound, args.workers)
+    if args.command == 'lists':
+        return prep_lists(args.root, args.format, args.csv, args.train, args.test, args.val, args.ucf_splits,
+                          args.split, args.classes, args.id_format, args.only_present)
+    return check_data(args.dataset, args.root, args.full)
+
+# %% ../nbs/01c_prep.ipynb #69f9d64e
+def prep_cli(argv: Sequence[str] | None = None):
+    "Entry point of `python -m crmt_nb.prep` / `crmt-prep`."
+    args = _cli_parser().parse_args(argv)
+    try: res = _cli_run(args)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr); return 2
     if isinstance(res, PrepSummary):
