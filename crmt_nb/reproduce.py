@@ -51,6 +51,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'Sound certified radius vs the paper\'s empirical radius vs the PGD-found radius'),
     Experiment('crmt_official_vs_fixed', 'ours', 'official-vs-fixed',
                'What the authors\' code deviations (official=True) change'),
+    Experiment('soe_fig1_xor', 'soe', 'fig1',
+               'SoE Figure 1: XOR toy, averaging ensemble of two linear models vs their collaboration'),
 ]}
 
 def select(only: str | None = None) -> list[Experiment]:
