@@ -53,6 +53,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'What the authors\' code deviations (official=True) change'),
     Experiment('soe_fig1_xor', 'soe', 'fig1',
                'SoE Figure 1: XOR toy, averaging ensemble of two linear models vs their collaboration'),
+    Experiment('soe_table2_submodels', 'soe', 'table2',
+               'SoE Table 2: clean accuracy of SoE and of each sub-model, routing shares, selection quality vs an oracle'),
 ]}
 
 def select(only: str | None = None) -> list[Experiment]:
