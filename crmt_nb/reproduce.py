@@ -51,6 +51,12 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'Sound certified radius vs the paper\'s empirical radius vs the PGD-found radius'),
     Experiment('crmt_official_vs_fixed', 'ours', 'official-vs-fixed',
                'What the authors\' code deviations (official=True) change'),
+    Experiment('soe_fig1_xor', 'soe', 'fig1',
+               'SoE Figure 1: XOR toy, averaging ensemble of two linear models vs their collaboration'),
+    Experiment('soe_table2_submodels', 'soe', 'table2',
+               'SoE Table 2: clean accuracy of SoE and of each sub-model, routing shares, selection quality vs an oracle'),
+    Experiment('soe_table4_capacity', 'soe', 'table4',
+               'SoE Table 4: clean accuracy by ResNet depth, single model vs SoE (and the averaging ensemble of the same sub-models)'),
 ]}
 
 def select(only: str | None = None) -> list[Experiment]:
