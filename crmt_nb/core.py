@@ -11,9 +11,9 @@ from typing import Any, Callable
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['FIG1_RADII', 'PROFILES', 'get_device', 'autocast', 'to_device', 'num_threads', 'eval_mode', 'seed_everything',
-           'Profile', 'get_profile', 'project_root', 'run_dir', 'atomic_path', 'remove_stale_tmp', 'save_torch',
-           'load_torch', 'content_hash', 'file_lock', 'ModelCache']
+__all__ = ['PROFILES', 'get_device', 'autocast', 'to_device', 'num_threads', 'eval_mode', 'seed_everything', 'Profile',
+           'get_profile', 'project_root', 'run_dir', 'atomic_path', 'remove_stale_tmp', 'save_torch', 'load_torch',
+           'content_hash', 'file_lock', 'ModelCache']
 
 # %% ../nbs/00_core.ipynb #b4728a5e
 def get_device(device: str | torch.device | None = 'auto') -> torch.device:
@@ -71,8 +71,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return g
 
 # %% ../nbs/00_core.ipynb #a220eb8d
-FIG1_RADII = (0.1, 0.4, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
-
 @dataclass(frozen=True)
 class Profile:
     "A compute budget. Replace fields with `profile.with_(epochs=3)`."

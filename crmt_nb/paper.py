@@ -5,10 +5,9 @@
 # %% ../nbs/10_paper.ipynb #01f2582b
 from __future__ import annotations
 import pandas as pd
-from .core import FIG1_RADII
 
 # %% auto #0
-__all__ = ['CRMT_METHODS', 'SOE_EPS', 'reported']
+__all__ = ['CRMT_METHODS', 'FIG1_RADII', 'SOE_EPS', 'reported']
 
 # %% ../nbs/10_paper.ipynb #a8cc85e3
 CRMT_METHODS = ['JT', 'GB', 'OGM', 'PMR', 'MSEFM', 'MMAT', 'Mixup', 'CRMT-JT', 'CRMT-AT', 'CRMT-Mix']
@@ -41,6 +40,7 @@ _T2 = {  # KS: clean, FGM #v, FGM #a, PGD #v, PGD #a, missing #v, missing #a
 }
 
 # %% ../nbs/10_paper.ipynb #503b44d0
+FIG1_RADII = (0.1, 0.4, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)   # the radii of CRMT Fig 1 / Fig 4 (KS, l2-PGD)
 _T3 = {'MMT': (0.465, 0.433, 0.259, 0.431, 0.228, 0.331, 0.326),
        'CRMT-MMT': (0.471, 0.440, 0.276, 0.428, 0.237, 0.344, 0.340)}
 _F1 = {
