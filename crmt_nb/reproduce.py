@@ -205,6 +205,7 @@ def _child(job: dict, conn):
     "A worker process: one notebook, its output (and the kernel's chatter) in a log file; SIGTERM stops it cleanly."
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C belongs to the parent, which stops us with SIGTERM
     signal.signal(signal.SIGTERM, _stop)
+    os.environ.setdefault('OMP_NUM_THREADS', str(job.pop('threads')))   # the kernel's torch threads: cores / workers
     fd = os.open(job.pop('log_file'), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1); os.dup2(fd, 2)
     try: st = run_experiment(**job, log=lambda s: print(s, flush=True))
@@ -344,10 +345,11 @@ def _check_batch(profile: str, workers: int, data_root, on_error: str):
     return prof
 
 # %% ../nbs/11_reproduce.ipynb #6a794004
-def _job(e: Experiment, profile: str, out: Path, data_root, device, params, force) -> dict:
+def _job(e: Experiment, profile: str, out: Path, data_root, device, params, force, workers: int = 1) -> dict:
     d = out / e.name; d.mkdir(parents=True, exist_ok=True)
     return dict(exp=e, profile=profile, out=str(out), data_root=data_root, device=device, params=params, force=force,
-                progress_file=str(d / '.progress.json'), log_file=str(d / f'{e.name}.log'))
+                progress_file=str(d / '.progress.json'), log_file=str(d / f'{e.name}.log'),
+                threads=max(1, (os.cpu_count() or 1) // workers))
 
 # %% ../nbs/11_reproduce.ipynb #c38634d9
 def _longest_first(exps: list[Experiment], out: Path) -> list[Experiment]:
@@ -371,7 +373,7 @@ def reproduce(profile: str = 'mini', only: str | None = None, workers: int = 1, 
         stamp = _stamp(e, experiment_parameters(prof.name, out / e.name, data_root, device, params))
         if not force and (rec := finished(out / e.name, e.name, stamp)):
             statuses[e.name] = st = dict(name=e.name, status='skipped', seconds=rec['seconds']); log(_status_line(st, out))
-        else: jobs.append(_job(e, prof.name, out, data_root, device, params, force))
+        else: jobs.append(_job(e, prof.name, out, data_root, device, params, force, int(workers)))
     statuses |= _run_batch(jobs, int(workers), log, Live(progress))
     report = write_report(out, prof.name, [statuses[e.name] for e in exps], exps)
     if figures: _copy_figures(exps, out, figures)
