@@ -13,7 +13,7 @@ import numpy as np, torch
 from tqdm.auto import tqdm
 from .core import atomic_path
 from .paper_data import (FFMPEG_PATTERN, frame_name, count_frames, check_spectrogram, read_jpeg, write_jpeg, read_list,
-                                ClipError, AUDIO_MEAN, AUDIO_STD, AUDIO_FRAMES, N_MELS, FLOW_BOUND)
+                                ClipError, AUDIO_MEAN, AUDIO_STD, AUDIO_FRAMES, N_MELS, FLOW_BOUND, clip_splits)
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'OPENCV_HINT', 'PrepSummary', 'run_clips', 'require_ffmpeg', 'find_clips', 'extract_frames',
@@ -401,7 +401,6 @@ def prep_lists(root, format: str, csv_file=None, train=None, test=None, val=None
 # %% ../nbs/01c_prep.ipynb #c55135dc
 def check_data(dataset: str, root, full: bool = False) -> dict:
     "Build the train/test datasets of `dataset` under `root`, report the unusable clips; returns id → reason."
-    from crmt_nb.paper_data import clip_splits
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         sp = clip_splits(dataset, root, val='test', on_error='skip', check='full' if full else 'files')

@@ -16,9 +16,8 @@ from .methods import MethodFactory
 from .soe_models import CollabOutput, confidence, soe_model, Collaboration, oracle_index
 
 # %% auto #0
-__all__ = ['WEIGHTINGS', 'SCHEDULES', 'SOE_METHODS', 'SOE_PROFILES', 'eq7_loss', 'per_model_ce', 'selection_loss', 'ehead_target',
-           'ehead_loss', 'soe_objective', 'TrainAttack', 'SoE', 'soe_fit', 'phase_summary', 'build_soe', 'soe_config',
-           'soe_trained']
+__all__ = ['WEIGHTINGS', 'SCHEDULES', 'SOE_METHODS', 'eq7_loss', 'per_model_ce', 'selection_loss', 'ehead_target', 'ehead_loss',
+           'soe_objective', 'TrainAttack', 'SoE', 'soe_fit', 'phase_summary', 'build_soe']
 
 # %% ../nbs/09a_soe_training.ipynb #77afb255
 def eq7_loss(losses: torch.Tensor, delta: float = 1.0, sigma: float = 1.0) -> torch.Tensor:
@@ -165,63 +164,3 @@ def build_soe(method: Method, depth: int = 20, n_experts: int = 3, **kw) -> Coll
     gate = method.make_gate(depth, n_experts, **kw) if getattr(method, 'combine', 'select') == 'gate' else None
     return soe_model(depth, n_experts, combine=method.combine, e_head=method.e_head, leaky=getattr(method, 'leaky', False),
                      gate=gate, **kw)
-
-# %% ../nbs/09a_soe_training.ipynb #207f8967
-import copy
-from pathlib import Path
-import pandas as pd
-from .core import ModelCache, get_profile
-from .soe_models import CIFAR_MEAN, CIFAR_STD
-
-SOE_PROFILES: dict[str, dict] = {
-    'smoke': dict(depth=8, n_experts=3, widths=(4, 4, 8), input_pool=2, epochs=2, sub_epochs=1, optimizer='adam', lr=3e-3,
-                  weight_decay=0.0, milestones=(), batch_size=64, max_train=128, threads=1, attack=dict(eps=0.1, alpha=0.05, steps=1)),
-    'mini': dict(depth=8, n_experts=3, widths=(8, 16, 32), input_pool=2, epochs=5, sub_epochs=3, optimizer='adam', lr=3e-3,
-                 weight_decay=0.0, milestones=(), batch_size=64, max_train=None, threads=1, attack=dict(eps=0.1, alpha=0.04, steps=3)),
-    'paper': dict(depth=20, n_experts=3, widths=(16, 32, 64), input_pool=1, epochs=100, sub_epochs=50, optimizer='sgd', lr=0.1,
-                  weight_decay=1e-4, milestones=(50, 75), batch_size=128, max_train=None, threads=None,
-                  attack=dict(eps=0.02, alpha=0.01, steps=10)),
-}
-
-def _soe_registry() -> dict:
-    "`SOE_METHODS` with the baselines, which `soe_baselines` registers on import."
-    from crmt_nb import soe_baselines
-    return soe_baselines.SOE_METHODS
-
-def soe_config(profile, method: str = 'SoE', **overrides) -> dict:
-    "The plain training config of an SoE-paper `method` under `profile`: the profile's, then `overrides` (`options` merge)."
-    methods = _soe_registry()
-    if method not in methods: raise ValueError(f'unknown method {method!r}; choose one of {list(methods)}')
-    cfg = {'method': method, 'profile': get_profile(profile).name, **copy.deepcopy(SOE_PROFILES[get_profile(profile).name])}
-    attack, options = cfg.pop('attack'), overrides.pop('options', {})
-    cfg.update(overrides)
-    m = methods[method](**options)                       # fails early, naming a misspelt option
-    cfg['options'] = {**(attack if getattr(m, 'adversarial', False) else {}),
-                      **({'sub_epochs': cfg['sub_epochs']} if hasattr(m, 'sub_epochs') else {}), **options}
-    del cfg['sub_epochs']
-    methods[method](**cfg['options'])
-    return cfg
-
-# %% ../nbs/09a_soe_training.ipynb #8eb28b96
-def soe_trained(run, method: str = 'SoE', seed: int = 0, progress: bool = False, **overrides) -> Trained:
-    "The model of (run data, method, `soe_config`, seed) from `run.root/models`, trained once with `soe_fit`; eval mode."
-    from crmt_nb.experiment import training_code_hash
-    splits, cfg = run.splits, soe_config(run.profile, method, **overrides)
-    in_ch = splits.shapes[0][0]
-    arch = dict(depth=cfg['depth'], n_experts=cfg['n_experts'], in_ch=in_ch, n_classes=splits.n_classes,
-                widths=tuple(cfg['widths']), input_pool=cfg['input_pool'],
-                mean=CIFAR_MEAN if in_ch == 3 else (0.5,) * in_ch, std=CIFAR_STD if in_ch == 3 else (0.5,) * in_ch)
-    key = {**cfg, 'arch': arch, 'code': training_code_hash(),
-           'data': {'shapes': splits.shapes, 'n_classes': splits.n_classes, 'sizes': (len(splits.train), len(splits.valid))}}
-    def make():
-        m = _soe_registry()[method](**cfg['options']); return m, build_soe(m, **arch)
-    def train():
-        m, _ = make()
-        t = soe_fit(lambda: build_soe(m, **arch), m, splits, cfg['epochs'], lr=cfg['lr'], weight_decay=cfg['weight_decay'],
-                    optimizer=cfg['optimizer'], milestones=cfg['milestones'], batch_size=cfg['batch_size'],
-                    max_train=cfg['max_train'], seed=seed, device=run.device, threads=cfg['threads'], progress=progress,
-                    test=False)
-        return {'model': t.model.state_dict(), 'history': t.history.to_dict('list'), 'config': cfg}
-    ck = ModelCache(Path(run.root) / 'models').get_or_train(splits.name, method, key, seed, train)
-    m, model = make(); model.load_state_dict(ck['model'])
-    return Trained(model.to(get_device(run.device)).eval(), m, pd.DataFrame(ck['history']), cfg)
