@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #94f5a5a8
 from __future__ import annotations
-import os, json, random, hashlib, fcntl, tempfile, contextlib, dataclasses, time
+import os, json, random, hashlib, fcntl, tempfile, contextlib, dataclasses, time, importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 import numpy as np, torch
 
 # %% auto #0
 __all__ = ['PROFILES', 'get_device', 'autocast', 'to_device', 'num_threads', 'eval_mode', 'seed_everything', 'Profile',
            'get_profile', 'project_root', 'run_dir', 'atomic_path', 'remove_stale_tmp', 'save_torch', 'load_torch',
-           'content_hash', 'file_lock', 'ModelCache']
+           'content_hash', 'library_hash', 'file_lock', 'ModelCache']
 
 # %% ../nbs/00_core.ipynb #b4728a5e
 def get_device(device: str | torch.device | None = 'auto') -> torch.device:
@@ -187,6 +187,12 @@ def content_hash(*objs, n: int = 12) -> str:
     "Short sha256 of the canonical JSON of `objs`."
     s = json.dumps(_canon(list(objs)), sort_keys=True, separators=(',', ':'))
     return hashlib.sha256(s.encode()).hexdigest()[:n]
+
+# %% ../nbs/00_core.ipynb #6231b4a4
+def library_hash(exclude: Sequence[str] = ()) -> str:
+    "Hash of the source of crmt_nb's modules, but those named in `exclude` (stems, e.g. 'reproduce')."
+    lib = Path(__file__).resolve().parent if '__file__' in globals() else Path(importlib.util.find_spec('crmt_nb').origin).parent
+    return content_hash({p.stem: p.read_text() for p in sorted(lib.glob('*.py')) if p.stem not in exclude})
 
 # %% ../nbs/00_core.ipynb #c0ff784d
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from fastcore.basics import patch_to
 import numpy as np, pandas as pd, torch
 from .core import (get_device, get_profile, Profile, PROFILES, run_dir, num_threads, seed_everything, ModelCache,
-                          content_hash)
+                          library_hash)
 from . import data
 from .paper_data import paper_splits
 from .train import fit, loaders, Trained
@@ -20,9 +20,9 @@ from .reproduce import RESULT_COLUMNS, EXPERIMENTS, experiments_dir, save_result
 
 # %% auto #0
 __all__ = ['MODEL_KINDS', 'NOT_TRAINING_CODE', 'KINDS', 'load_dataset', 'experiment_data', 'train_config', 'optimizer_of',
-           'scheduler_of', 'build', 'train_model', 'training_code_hash', 'get_or_train', 'notebook_parameters',
-           'injected_parameters', 'check_seeds', 'check_names', 'check_radii', 'check_choice', 'check_device',
-           'check_parameter', 'check_parameters', 'Results', 'Claims', 'Run', 'setup_experiment']
+           'scheduler_of', 'build', 'train_model', 'training_code_hash', 'cache_key', 'get_or_train',
+           'notebook_parameters', 'injected_parameters', 'check_seeds', 'check_names', 'check_radii', 'check_choice',
+           'check_device', 'check_parameter', 'check_parameters', 'Results', 'Claims', 'Run', 'setup_experiment']
 
 # %% ../nbs/08a_experiment.ipynb #a972e51d
 _DATASETS = {}
@@ -105,8 +105,12 @@ NOT_TRAINING_CODE = ('__init__', '_modidx', 'reproduce', 'paper', 'prep', 'evalu
 
 def training_code_hash() -> str:
     "Hash of the library source that can change a trained model (all modules but the report/evaluation ones)."
-    lib = Path(data.__file__).parent
-    return content_hash({p.stem: p.read_text() for p in sorted(lib.glob('*.py')) if p.stem not in NOT_TRAINING_CODE})
+    return library_hash(NOT_TRAINING_CODE)
+
+def cache_key(cfg: dict, splits, **extra) -> dict:
+    "What a cached model is keyed by: its config (+ `extra`), the training code, the data's shapes and split sizes."
+    return {**cfg, **extra, 'code': training_code_hash(),
+            'data': {'shapes': splits.shapes, 'n_classes': splits.n_classes, 'sizes': (len(splits.train), len(splits.valid))}}
 
 # %% ../nbs/08a_experiment.ipynb #a79dec63
 def get_or_train(dataset, method: str, config: dict | None = None, seed: int = 0, *, profile='mini',
@@ -117,8 +121,7 @@ def get_or_train(dataset, method: str, config: dict | None = None, seed: int = 0
     cfg = config if config is not None else train_config(profile, method)
     if cfg['method'] != method: raise ValueError(f"config is for method {cfg['method']!r}, not {method!r}")
     cache = ModelCache(run_dir(profile, root) / 'models')
-    key = {**cfg, 'code': training_code_hash(),
-           'data': {'shapes': splits.shapes, 'n_classes': splits.n_classes, 'sizes': (len(splits.train), len(splits.valid))}}
+    key = cache_key(cfg, splits)
     path = cache.path(splits.name, method, key, seed)
     def train():
         t = train_model(splits, cfg, seed, device, ckpt_dir=path.with_suffix('.ckpt'), progress=progress)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
 import crmt_nb
-from .core import (get_profile, run_dir, atomic_path, content_hash, project_root, file_lock, remove_stale_tmp,
+from .core import (get_profile, run_dir, atomic_path, content_hash, library_hash, project_root, file_lock,
+                          remove_stale_tmp,
                           PROFILES)
 
 # %% auto #0
@@ -104,11 +105,6 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = '.3f', index: bool = True) 
     d = d.map(esc) if hasattr(d, 'map') else d.applymap(esc)
     return d.to_markdown(floatfmt=floatfmt, index=index)
 
-# %% ../nbs/11_reproduce.ipynb #810bd638
-def _library_hash() -> str:
-    src = Path(crmt_nb.__file__).parent
-    return content_hash({str(p.relative_to(src)): p.read_text() for p in sorted(src.glob('*.py'))})
-
 # %% ../nbs/11_reproduce.ipynb #5d84f8f9
 def experiment_parameters(profile: str, out_dir, data_root=None, device='auto', params: dict | None = None) -> dict:
     "What papermill injects: the standard parameters, paths absolute (papermill changes the cwd); `params` win."
@@ -117,7 +113,7 @@ def experiment_parameters(profile: str, out_dir, data_root=None, device='auto', 
 
 # %% ../nbs/11_reproduce.ipynb #016966a2
 def _stamp(exp: Experiment, parameters: dict) -> str:
-    return content_hash(exp.notebook.read_text(), parameters, _library_hash())
+    return content_hash(exp.notebook.read_text(), parameters, library_hash())
 
 # %% ../nbs/11_reproduce.ipynb #f2e52d6f
 def finished(out_dir: Path, name: str, stamp: str) -> dict | None:

@@ -130,7 +130,7 @@ from pathlib import Path
 import pandas as pd
 from .core import ModelCache, get_profile, get_device
 from .train import Trained
-from .experiment import training_code_hash
+from .experiment import cache_key
 from .soe_models import CIFAR_MEAN, CIFAR_STD
 from .soe_training import soe_fit, build_soe
 
@@ -166,8 +166,7 @@ def soe_trained(run, method: str = 'SoE', seed: int = 0, progress: bool = False,
     arch = dict(depth=cfg['depth'], n_experts=cfg['n_experts'], in_ch=in_ch, n_classes=splits.n_classes,
                 widths=tuple(cfg['widths']), input_pool=cfg['input_pool'],
                 mean=CIFAR_MEAN if in_ch == 3 else (0.5,) * in_ch, std=CIFAR_STD if in_ch == 3 else (0.5,) * in_ch)
-    key = {**cfg, 'arch': arch, 'code': training_code_hash(),
-           'data': {'shapes': splits.shapes, 'n_classes': splits.n_classes, 'sizes': (len(splits.train), len(splits.valid))}}
+    key = cache_key(cfg, splits, arch=arch)
     def make():
         m = SOE_METHODS[method](**cfg['options']); return m, build_soe(m, **arch)
     def train():

@@ -4,7 +4,8 @@ import fastcore.test as fct
 from crmt_nb.core import seed_everything, load_torch, content_hash
 from crmt_nb.data import mfeat
 from crmt_nb.train import fit, loaders, accuracy, Method
-from crmt_nb.experiment import train_config, train_model, get_or_train, optimizer_of, scheduler_of, training_code_hash
+from crmt_nb.experiment import train_config, train_model, get_or_train, optimizer_of, scheduler_of, NOT_TRAINING_CODE
+from crmt_nb.core import library_hash
 from crmt_nb.methods import METHODS, build_model
 
 D = mfeat(('pix', 'fou'))
@@ -117,7 +118,7 @@ def test_get_or_train_caches(tmp_path):
     xs, y = D.test[torch.arange(50)]
     with torch.no_grad(): fct.test_eq(t1.predictor(xs), t2.predictor(xs))
     fct.test_eq(sorted(p.name for p in (tmp_path / 'models').rglob('*.pt')), files)
-    key = {**cfg, 'code': training_code_hash(),
+    key = {**cfg, 'code': library_hash(NOT_TRAINING_CODE),                 # the key, written out: config, code, data
            'data': {'shapes': D.shapes, 'n_classes': D.n_classes, 'sizes': (len(D.train), len(D.valid))}}
     fct.test_eq(files, [f'{content_hash(key)}-seed0.pt'])        # the resumable training checkpoints were removed
     fct.test_fail(lambda: get_or_train(D, 'JT', cfg, root=tmp_path), contains="config is for method 'MSEFM'")
