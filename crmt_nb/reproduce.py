@@ -237,9 +237,12 @@ class Live:
         if self.tty and self.n: self.s.write(f'\x1b[{self.n}F\x1b[J'); self.s.flush(); self.n = 0
     def draw(self, lines: dict[str, str]):
         if not self.on: return
-        if self.tty: self.clear(); self.s.write(''.join(l + '\n' for l in lines.values())); self.n = len(lines)
-        for k, l in ({} if self.tty else lines).items():
-            if self.seen.get(k) != (key := l.rsplit(' · ', 1)[0]): self.s.write(l + '\n'); self.seen[k] = key
+        if self.tty:
+            self.clear(); self.s.write(''.join(l + '\n' for l in lines.values())); self.n = len(lines)
+        else:                                                # a log: one line per new cell, not per second
+            for k, l in lines.items():
+                cell = l.rsplit(' · ', 1)[0]
+                if self.seen.get(k) != cell: self.s.write(l + '\n'); self.seen[k] = cell
         self.s.flush()
 
 # %% ../nbs/11_reproduce.ipynb #a980fd55
