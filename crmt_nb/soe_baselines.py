@@ -13,8 +13,8 @@ from .soe_models import CifarResNet, average_logits
 from .soe_training import TrainAttack, SOE_METHODS, per_model_ce
 
 # %% auto #0
-__all__ = ['SOE_PROFILES', 'Ensemble', 'gal_loss', 'GAL', 'adp_loss', 'ADP', 'distill', 'dverge_loss', 'DVERGE', 'more_gate',
-           'MoRE', 'soe_config', 'soe_trained']
+__all__ = ['SOE_PROFILES', 'SOE_EVAL', 'Ensemble', 'gal_loss', 'GAL', 'adp_loss', 'ADP', 'distill', 'dverge_loss', 'DVERGE',
+           'more_gate', 'MoRE', 'soe_config', 'soe_trained', 'soe_eval', 'soe_trained_at']
 
 # %% ../nbs/09b_soe_baselines.ipynb #9a8b0faf
 class Ensemble(TrainAttack, Method):
@@ -179,3 +179,30 @@ def soe_trained(run, method: str = 'SoE', seed: int = 0, progress: bool = False,
     ck = ModelCache(Path(run.root) / 'models').get_or_train(splits.name, method, key, seed, train)
     m, model = make(); model.load_state_dict(ck['model'])
     return Trained(model.to(get_device(run.device)).eval(), m, pd.DataFrame(ck['history']), cfg)
+
+# %% ../nbs/09b_soe_baselines.ipynb #e6fb5e4c
+SOE_EVAL: dict[str, dict] = {
+    'smoke': dict(eps=(0.1, 0.2), n_eval=64, pgd_steps=2, restarts=1, transfer_steps=2, surrogates=(3,),
+                  square_queries=20, eval_seeds=(0, 1), per_eps=False),
+    'mini': dict(eps=(0.05, 0.1, 0.15, 0.2), n_eval=250, pgd_steps=20, restarts=2, transfer_steps=20, surrogates=(3,),
+                 square_queries=500, eval_seeds=(0, 1, 2), per_eps=False),
+    'paper': dict(eps=(0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07), n_eval=1000, pgd_steps=50, restarts=5,
+                  transfer_steps=100, surrogates=(3, 5, 8), square_queries=5000, eval_seeds=(0, 1, 2, 3, 4), per_eps=True),
+}
+
+def soe_eval(profile, **overrides) -> dict:
+    "The SoE evaluation protocol of `profile` (ε grid, image count, attack budgets, per-ε models or not), then `overrides`."
+    name = get_profile(profile).name
+    if name not in SOE_EVAL: raise ValueError(f'no SoE evaluation protocol for profile {name!r}; known: {list(SOE_EVAL)}')
+    bad = set(overrides) - set(SOE_EVAL[name])
+    if bad: raise ValueError(f'unknown SoE evaluation setting(s) {sorted(bad)}; known: {list(SOE_EVAL[name])}')
+    return {**SOE_EVAL[name], **overrides}
+
+# %% ../nbs/09b_soe_baselines.ipynb #dd5a02e9
+def soe_trained_at(run, method: str, eps: float, seed: int = 0, per_eps: bool | None = None, **overrides) -> Trained:
+    "The model evaluated at ε: trained at ε_train = ε when `per_eps` (the paper), else at the profile's ε_train (budget mode)."
+    per_eps = soe_eval(run.profile)['per_eps'] if per_eps is None else per_eps
+    adversarial = 'eps' in soe_config(run.profile, method, **overrides)['options']
+    if per_eps and adversarial:
+        overrides = {**overrides, 'options': {**overrides.get('options', {}), 'eps': float(eps)}}
+    return soe_trained(run, method, seed, **overrides)
