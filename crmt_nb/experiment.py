@@ -45,13 +45,13 @@ def experiment_data(profile, dataset: str, data_root=None, on_error: str = 'rais
     return paper_splits(dataset, data_root, on_error=on_error)
 
 # %% ../nbs/08a_experiment.ipynb #dc60c339
-MODEL_KINDS = ('small', 'resnet18')
+MODEL_KINDS = ('small', 'resnet18', 'mmt')
 
 def _base_config(p: Profile, method: str) -> dict:
     return dict(method=method, profile=p.name, epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer,
                 lr=p.lr, momentum=0.9, weight_decay=p.weight_decay, lr_step=p.lr_step, lr_gamma=0.1,
                 max_train=p.max_train, d_feat=64, model='resnet18' if p.data == 'paper' else 'small',
-                cpu_threads=None if p.data == 'paper' else 1, select_on='valid', options={})
+                cpu_threads=None if p.data == 'paper' else 1, select_on='valid', model_options={}, options={})
 
 # %% ../nbs/08a_experiment.ipynb #92e41e8c
 def train_config(profile: str | Profile = 'mini', method: str = 'JT', **overrides) -> dict:
@@ -83,7 +83,7 @@ def build(cfg: dict, splits):
     "(model, method) for a config: the model family is `cfg['model']`, its head the one the method declares."
     method = METHODS[cfg['method']](**cfg['options'])
     return build_model(method, splits.shapes, splits.n_classes, d_feat=cfg['d_feat'], model=cfg.get('model', 'small'),
-                       dataset=splits.name), method
+                       dataset=splits.name, model_options=cfg.get('model_options')), method
 
 # %% ../nbs/08a_experiment.ipynb #a68ec5b7
 def train_model(splits, cfg: dict, seed: int = 0, device='auto', ckpt_dir=None, progress=True, test=False) -> Trained:

@@ -6,8 +6,8 @@
 from __future__ import annotations
 from typing import Sequence
 from .core import Profile
-from .models import joint_model, JointModel
-from .paper_models import paper_model, PAPER_DATASETS
+from .models import joint_model, small_mmt, JointModel
+from .paper_models import paper_model, mmt_model, PAPER_DATASETS
 from .train import Method
 from .methods_imbalance import GB, OGM, PMR
 from .methods_robust import MSEFM, MMAT, Mixup
@@ -45,15 +45,27 @@ METHODS: dict[str, MethodFactory] = {f.name: f for f in [
     MethodFactory('CRMT-step2', CRMT, rho=0.0),
 ]}
 
+def _mmt(method: Method, shapes, n_classes: int, dataset, a_init: float, opts: dict) -> JointModel:
+    "The `model='mmt'` transformer: `mmt_model` (geometry from `shapes`) on a paper dataset, else `small_mmt`."
+    kw = dict(head=method.head, orth=method.orth, a_init=a_init, **opts)
+    if dataset not in PAPER_DATASETS: return small_mmt(shapes, n_classes, **kw)
+    geo = dict(frame_size=shapes[0][-1], n_frames=shapes[0][1])
+    if len(shapes[1]) == 3: geo['spec_shape'] = tuple(shapes[1][1:])      # the spectrogram (audio) stream
+    return mmt_model(dataset, n_classes=n_classes, **geo, **kw)
+
 def build_model(method: Method, shapes: Sequence[Sequence[int]], n_classes: int, d_feat: int = 64,
-                model: str = 'small', dataset: str | None = None) -> JointModel:
+                model: str = 'small', dataset: str | None = None, model_options: dict | None = None) -> JointModel:
     """The model with the head `method` needs: `model='small'` is the `mini` model (`joint_model`, small encoders,
-    `d_feat`-d features); `model='resnet18'` the paper's ResNet-18 pair of `dataset` ('ks' | 'ucf101' | 'vggsound')."""
+    `d_feat`-d features); `model='resnet18'` the paper's ResNet-18 pair of `dataset` ('ks' | 'ucf101' | 'vggsound');
+    `model='mmt'` the multi-modal transformer (`_mmt`; its sizes in `model_options`, `d_feat` unused)."""
     a_init = getattr(method, 'a_init', 0.1)          # the integration weights' start (CRMT methods' option)
+    opts = dict(model_options or {})
+    if model == 'mmt': return _mmt(method, shapes, n_classes, dataset, a_init, opts)
+    if opts: raise ValueError(f"model_options {sorted(opts)} are options of model='mmt'; model={model!r} takes none")
     if model == 'small': return joint_model(shapes, n_classes, head=method.head, orth=method.orth, d_feat=d_feat, a_init=a_init)
     if model == 'resnet18':
         if dataset not in PAPER_DATASETS:
             raise ValueError(f"model='resnet18' is the paper's model of a paper dataset {list(PAPER_DATASETS)}, got "
                              f"dataset={dataset!r}; use model='small' for the built-in data")
         return paper_model(dataset, head=method.head, orth=method.orth, n_classes=n_classes, a_init=a_init)
-    raise ValueError(f"model must be 'small' or 'resnet18', got {model!r}")
+    raise ValueError(f"model must be 'small', 'resnet18' or 'mmt', got {model!r}")

@@ -11,7 +11,7 @@ from fastcore.basics import patch_to
 
 # %% auto #0
 __all__ = ['MMOutput', 'logits_of', 'MLP', 'SmallCNN', 'small_encoder', 'rownorm', 'QRRows', 'JointModel', 'joint_model',
-           'Normalize', 'transformer_layers', 'TokenStream', 'MMT']
+           'Normalize', 'transformer_layers', 'TokenStream', 'MMT', 'small_mmt']
 
 # %% ../nbs/02_models.ipynb #e2efaccc
 class MMOutput(NamedTuple):
@@ -157,11 +157,11 @@ def joint_model(shapes: Sequence[Sequence[int]], n_classes: int, head: str = 'co
 
 # %% ../nbs/02_models.ipynb #873e9855
 def _check_input(x: torch.Tensor, ndim: int, ch: int, what: str):
-    "A clear error for a wrong input rank or channel count."
-    layout = '(B, C, T, H, W)' if ndim == 5 else '(B, C, H, W)'
+    "A clear error for a wrong input rank or channel count (for a vector input, ndim 2, `ch` is its length d)."
+    layout, size = {2: ('(B, d)', 'd'), 5: ('(B, C, T, H, W)', 'C')}.get(ndim, ('(B, C, H, W)', 'C'))
     if not isinstance(x, torch.Tensor) or x.ndim != ndim or x.shape[1] != ch:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f'{what} expects a {ndim}-D input {layout} with C={ch}, got shape {got}'
+        raise ValueError(f'{what} expects a {ndim}-D input {layout} with {size}={ch}, got shape {got}'
                          + (' (add the channel dim: x.unsqueeze(1))' if ndim == 4 and isinstance(x, torch.Tensor) and x.ndim == 3 else ''))
 
 # %% ../nbs/02_models.ipynb #4e93dd01
@@ -186,24 +186,31 @@ def transformer_layers(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
 
 # %% ../nbs/02_models.ipynb #087a2cb6
 def _stream_geometry(in_shape: tuple, patch) -> tuple:
-    "(C, patch (ph, pw), N = T·(H // ph)·(W // pw) tokens) of a (C,H,W) or (C,T,H,W) input; clear errors."
-    if len(in_shape) not in (3, 4): raise ValueError(f'TokenStream input shape must be (C,H,W) or (C,T,H,W), got {in_shape}')
-    C, H, W = in_shape[0], *in_shape[-2:]
-    T = in_shape[1] if len(in_shape) == 4 else 1
-    p = _pair(patch)
+    """(C, patch (ph, pw), N tokens) of a (C,H,W) or (C,T,H,W) input, N = T·⌈H/ph⌉·⌈W/pw⌉; a vector (d,) is one row
+    of d values cut into chunks of `patch` features: (1, (1, patch), ⌈d/patch⌉). Edges are zero-padded (`_pad_to_patches`)."""
+    if len(in_shape) not in (1, 3, 4): raise ValueError(f'TokenStream input shape must be (d,), (C,H,W) or (C,T,H,W), got {in_shape}')
+    if len(in_shape) == 1 and (isinstance(patch, bool) or not isinstance(patch, int)):
+        raise ValueError(f'a vector input {in_shape} is cut into chunks of `patch` features: patch must be an int, got {patch!r}')
+    C, H, W = (1, 1, in_shape[0]) if len(in_shape) == 1 else (in_shape[0], *in_shape[-2:])
+    T, p = in_shape[1] if len(in_shape) == 4 else 1, (1, int(patch)) if len(in_shape) == 1 else _pair(patch)
     if H < p[0] or W < p[1]: raise ValueError(f'patch {p} larger than the input {(H, W)}')
-    return C, p, T * (H // p[0]) * (W // p[1])
+    return C, p, T * math.ceil(H / p[0]) * math.ceil(W / p[1])
+
+def _pad_to_patches(x: torch.Tensor, p: tuple) -> torch.Tensor:
+    "Zero-pad the last two dims of `x` up to whole patches p = (ph, pw) (no pixel or feature is dropped)."
+    ph, pw = -x.shape[-2] % p[0], -x.shape[-1] % p[1]
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 # %% ../nbs/02_models.ipynb #24ef1032
 class TokenStream(nn.Module):
-    "One MMT modality: normalise → patch embedding → [class token; patches] + position → L_m layers → (B, 1+N, dim)."
+    "One MMT modality: normalise → patch (or chunk) embedding → [class token; tokens] + position → L_m layers → (B, 1+N, dim)."
     def __init__(self, in_shape: Sequence[int], dim: int, patch=16, depth: int = 1, heads: int = 4,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, mean=None, std=None):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
-        C, p, self.n_tokens = _stream_geometry(self.in_shape, patch)
+        C, self.patch, self.n_tokens = _stream_geometry(self.in_shape, patch)
         self.norm = Normalize(mean, std) if mean is not None else nn.Identity()
-        self.embed = nn.Conv2d(C, dim, p, stride=p)                     # linear embedding of non-overlapping patches
+        self.embed = nn.Conv2d(C, dim, self.patch, stride=self.patch)   # linear embedding of non-overlapping patches
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, 1 + self.n_tokens, dim))
         nn.init.trunc_normal_(self.cls, std=0.02); nn.init.trunc_normal_(self.pos, std=0.02)
@@ -216,9 +223,10 @@ def forward(self, x):
     if tuple(x.shape[1:]) != self.in_shape:
         raise ValueError(f'this MMT stream was built for inputs {self.in_shape}, got {tuple(x.shape[1:])}: '
                          'build the model with the matching frame/spectrogram size')
-    B = x.shape[0]
+    B, x = x.shape[0], self.norm(x)
+    if x.ndim == 2: x = x[:, None, None, :]                                              # a vector: one row (B, 1, 1, d)
     if x.ndim == 5: x = x.transpose(1, 2).reshape(-1, *x.shape[-4:-3], *x.shape[-2:])   # fold T: (B·T, C, H, W)
-    e = self.embed(self.norm(x)).flatten(2).transpose(1, 2).reshape(B, self.n_tokens, -1)
+    e = self.embed(_pad_to_patches(x, self.patch)).flatten(2).transpose(1, 2).reshape(B, self.n_tokens, -1)
     return self.layers(torch.cat([self.cls.expand(B, -1, -1), e], 1) + self.pos)
 
 # %% ../nbs/02_models.ipynb #b138bf1d
@@ -241,3 +249,11 @@ def features(self, xs) -> tuple:
     z = self.out_norm(self.joint(torch.cat(toks, 1)))
     starts = [0, *itertools.accumulate(t.shape[1] for t in toks[:-1])]     # where each class token sits
     return tuple(z[:, s] for s in starts)
+
+# %% ../nbs/02_models.ipynb #6b6ea1e9
+def small_mmt(shapes: Sequence[Sequence[int]], n_classes: int, head: str = 'concat', orth: str = 'rownorm',
+              dim: int = 32, patch=4, chunk: int = 4, depth_modality: int = 1, depth_joint: int = 1, heads: int = 2,
+              mlp_ratio: float = 2.0, dropout: float = 0.0, a_init: float = 0.1) -> MMT:
+    "An `MMT` for the built-in data: images (C,H,W) cut into `patch` patches, vectors (d,) into chunks of `chunk` features."
+    streams = [TokenStream(s, dim, chunk if len(s) == 1 else patch, depth_modality, heads, mlp_ratio, dropout) for s in shapes]
+    return MMT(streams, dim, n_classes, depth_joint, heads, head, orth, mlp_ratio, dropout, a_init)

@@ -48,6 +48,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'CRMT Figure 3: the ratio of uni-modal vulnerability indicators per class pair'),
     Experiment('crmt_fig5_ablation', 'crmt', 'fig5',
                'CRMT Figure 5: ablation of the two CRMT steps (JT, OJT, CRMT-step1, CRMT-step2, CRMT-JT)'),
+    Experiment('crmt_table3_transformer', 'crmt', 'table3',
+               'CRMT Table 3: a multi-modal transformer, MMT vs CRMT-MMT (step 1 only), uni- and multi-modal FGM / l2-PGD'),
     Experiment('crmt_certified_vs_empirical', 'ours', 'certificates',
                'Sound certified radius vs the paper\'s empirical radius vs the PGD-found radius'),
     Experiment('crmt_official_vs_fixed', 'ours', 'official-vs-fixed',

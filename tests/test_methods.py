@@ -267,3 +267,16 @@ def test_msefm_exfm_defence():
         plain = model(xs).logits
         assert not torch.allclose(m.predict(model, xs), plain, atol=1e-4)
         m.mix = 0.0; fct.test_close(m.predict(model, xs), plain, eps=1e-5)
+
+
+@pytest.mark.parametrize('name', ['JT', 'CRMT-step1'])
+def test_mmt_model_kind_trains_above_chance(name):
+    "model='mmt' (CRMT Table 3): the config's transformer is built, with the method's head, and trains."
+    from crmt_nb.models import MMT
+    cfg = train_config('smoke', name, epochs=3, max_train=512, lr=3e-3, model='mmt',
+                       model_options=dict(dim=16, patch=(4, 5), chunk=4))
+    t = train_model(D, cfg, seed=0, device='cpu', progress=False)
+    assert isinstance(t.model, MMT) and t.model.head == METHODS[name].head
+    fct.test_eq([s.n_tokens for s in t.model.encoders], [12, 19])
+    assert t.history.valid_acc.max() > 0.25, t.history          # chance is 0.1
+    fct.test_eq(t.history.stage.max(), 1)                         # CRMT-step1: no step 2

@@ -222,3 +222,73 @@ def test_a_init_reaches_the_model(a_init):
     fct.test_eq(joint_model([(6,), (5,)], 4, head='orth').integration.detach(), torch.full((2, 4), 0.1))   # default: the authors'
     for bad in (float('nan'), float('inf'), '1', True):
         fct.test_fail(lambda: joint_model([(6,), (5,)], 4, head='orth', a_init=bad), contains='a_init')
+
+
+# ---------------------------------------------------------------- the mini MMT (vector tokens, padding, uni-modal scores)
+from crmt_nb.models import TokenStream, small_mmt
+from crmt_nb.losses import margin_loss
+
+MFEAT = [(1, 16, 15), (76,)]          # mfeat pix (a 16×15 digit) and fou (76 coefficients)
+
+
+@pytest.mark.parametrize('d,chunk', [(76, 4), (76, 8), (47, 5), (6, 6), (10, 3)])
+def test_vector_stream_chunks_are_linear_in_consecutive_features(d, chunk):
+    "Token i of a vector is W_e · x[i·p:(i+1)·p] (zero-padded) + b_e + pos_i: a linear embedding of chunk i only."
+    torch.manual_seed(d + chunk)
+    s = TokenStream((d,), 8, chunk, depth=0)
+    n = math.ceil(d / chunk)
+    fct.test_eq(s.n_tokens, n)
+    x = torch.randn(3, d)
+    ref = nn.functional.pad(x, (0, n * chunk - d)).view(3, n, chunk) @ s.embed.weight.view(8, chunk).t() + s.embed.bias
+    fct.test_close(s(x)[:, 1:], ref + s.pos[:, 1:], eps=1e-5)
+    fct.test_close(s(x)[:, 0], s.cls[:, 0].expand(3, -1) + s.pos[:, 0], eps=1e-6)
+
+
+@pytest.mark.parametrize('patch,chunk', [(4, 8), ((4, 5), 4), (3, 5), ((5, 4), 19)])
+def test_small_mmt_sees_every_pixel_and_feature(patch, chunk):
+    "Edges are zero-padded, never dropped: the fused logits have a non-zero gradient w.r.t. every input entry."
+    torch.manual_seed(0)
+    m = small_mmt(MFEAT, 10, patch=patch, chunk=chunk).eval()
+    xs = (torch.rand(4, 1, 16, 15, requires_grad=True), torch.randn(4, 76, requires_grad=True))
+    g = torch.autograd.grad(m(xs).logits.pow(2).sum(), xs)
+    for gi in g: assert (gi.abs().sum(0) > 0).all(), 'an input entry has no influence on the output'
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('head,orth', [('concat', 'rownorm'), ('orth', 'rownorm'), ('orth', 'orthonormal')])
+def test_mmt_unimodal_scores_are_the_head_on_each_class_token(seed, head, orth):
+    """MMOutput.unimodal[m] = W̃^(m) z_{c(m)}: the head's rows of modality m on class token m after the joint layers;
+    the fused logits are Σ_m a^(m) ⊙ unimodal[m] + b; CRMT's L1 on them reaches both streams."""
+    torch.manual_seed(seed)
+    m = small_mmt(MFEAT, 10, head=head, orth=orth, patch=(4, 5), chunk=4, a_init=0.3 + seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    xs = (torch.rand(5, 1, 16, 15, generator=g), torch.randn(5, 76, generator=g))
+    out = m(xs)
+    toks = [s(x) for s, x in zip(m.encoders, xs)]
+    z = m.out_norm(m.joint(torch.cat(toks, 1)))
+    cls = (z[:, 0], z[:, toks[0].shape[1]])                      # class token of pix, then of fou
+    for u, c, w in zip(out.unimodal, cls, m.head_weights()): fct.test_close(u, c @ w.t(), eps=1e-5)
+    fct.test_close(out.logits, sum(a * u for a, u in zip(m.integration, out.unimodal)) + m.bias, eps=1e-5)
+    if orth == 'orthonormal':
+        for w in m.head_weights(): fct.test_close(w @ w.t(), torch.eye(10), eps=1e-5)
+    y = torch.randint(0, 10, (5,), generator=g)
+    margin_loss(out.unimodal, y).backward()
+    for s in m.encoders: assert s.embed.weight.grad.abs().sum() > 0
+
+
+def test_mmt_unimodal_score_depends_on_the_other_modality():
+    "Why CRMT step 2 does not apply to the MMT: s^(pix) moves when only fou moves (and not without joint layers)."
+    for depth_joint, mixes in ((1, True), (0, False)):
+        torch.manual_seed(0)
+        m = small_mmt(MFEAT, 10, head='orth', orth='orthonormal', patch=(4, 5), depth_joint=depth_joint).eval()
+        pix, fou = torch.rand(3, 1, 16, 15), torch.randn(3, 76)
+        with torch.no_grad(): d = (m(pix, fou + 1).unimodal[0] - m(pix, fou).unimodal[0]).abs().max().item()
+        assert (d > 1e-4) == mixes, (depth_joint, d)
+
+
+def test_small_mmt_checks_its_inputs():
+    m = small_mmt(MFEAT, 10)
+    fct.test_fail(lambda: m(torch.rand(2, 1, 16, 15), torch.randn(2, 75)), contains='2-D input (B, d) with d=76')
+    fct.test_fail(lambda: m(torch.rand(2, 16, 15), torch.randn(2, 76)), contains='x.unsqueeze(1)')
+    fct.test_fail(lambda: small_mmt(MFEAT, 10, chunk=(1, 4)), contains='patch must be an int')
+    fct.test_fail(lambda: small_mmt(MFEAT, 10, chunk=80), contains='larger than the input')
