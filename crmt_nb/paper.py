@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 # %% auto #0
-__all__ = ['CRMT_METHODS', 'FIG1_RADII', 'SOE_EPS', 'reported']
+__all__ = ['CRMT_METHODS', 'FIG1_RADII', 'SOE_EPS', 'SOE_T1_DEVICE', 'SOE_T1_EPOCHS', 'reported']
 
 # %% ../nbs/10_paper.ipynb #a8cc85e3
 CRMT_METHODS = ['JT', 'GB', 'OGM', 'PMR', 'MSEFM', 'MMAT', 'Mixup', 'CRMT-JT', 'CRMT-AT', 'CRMT-Mix']
@@ -105,6 +105,20 @@ _SOE_NONE = [  # (item, dataset, method, metric, why): what the notebooks measur
     ('table4', 'CIFAR-10', 'averaging ensemble', 'accuracy', 'ours: Table 4 compares a single model with SoE only'),
 ]
 
+# %% ../nbs/10_paper.ipynb #4987ec08
+_SOE_T1 = {'GAL': (6, 36), 'DVERGE': (11, 40), 'ADP': (6, 35), 'MoRE': (7, 1), 'SoE': (7, 23)}  # (h, min), 100 epochs, 2080 Ti
+SOE_T1_DEVICE, SOE_T1_EPOCHS = 'GeForce RTX 2080 Ti', 100
+
+def _rows_soe_t1() -> list:
+    "Table 1: training hours per method (100 epochs, 2080 Ti) and the ratio to ADP's (computed from the minutes)."
+    minutes = {m: 60 * h + mi for m, (h, mi) in _SOE_T1.items()}
+    r = []
+    for m, t in minutes.items():
+        base = dict(item='table1', dataset='CIFAR-10', method=m, attack='none', modality='none', eps=0.0,
+                    epochs=SOE_T1_EPOCHS, device=SOE_T1_DEVICE, training='distillation, no PGD-AT' if m == 'DVERGE' else 'PGD-AT')
+        r += [dict(base, metric='train_hours', value=t / 60), dict(base, metric='train_ratio_to_ADP', value=t / minutes['ADP'])]
+    return r
+
 # %% ../nbs/10_paper.ipynb #d56d46e5
 def _rows_soe_t2() -> list:
     "Table 2: clean accuracy of SoE and its sub-models."
@@ -138,7 +152,7 @@ def _rows_soe_none() -> list:
     return [dict(item=item, dataset=ds, method=m, attack='clean', modality='none', eps=0.0, metric=metric,
                  value=float('nan'), note=f'no paper numbers to compare ({why})') for item, ds, m, metric, why in _SOE_NONE]
 
-def _rows_soe(): return _rows_soe_t2() + _rows_soe_t3() + _rows_soe_t4() + _rows_soe_none()
+def _rows_soe(): return _rows_soe_t1() + _rows_soe_t2() + _rows_soe_t3() + _rows_soe_t4() + _rows_soe_none()
 
 # %% ../nbs/10_paper.ipynb #92fbdf54
 _PAPERS = {'crmt': _rows_crmt, 'soe': _rows_soe}

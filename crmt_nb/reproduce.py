@@ -60,6 +60,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'SoE Table 2: clean accuracy of SoE and of each sub-model, routing shares, selection quality vs an oracle'),
     Experiment('soe_table4_capacity', 'soe', 'table4',
                'SoE Table 4: clean accuracy by ResNet depth, single model vs SoE (and the averaging ensemble of the same sub-models)'),
+    Experiment('soe_table1_cost', 'soe', 'table1',
+               'SoE Table 1: training cost per method (timed epochs extrapolated to 100; ratios to ADP; the ordering)'),
+    Experiment('soe_table3_square', 'soe', 'table3',
+               'SoE Table 3: Square robust accuracy, 5 methods (+ the averaging of the SoE sub-models) over the ε grid, mean ± sd over seeds'),
 ]}
 
 def select(only: str | None = None) -> list[Experiment]:
