@@ -54,6 +54,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'Sound certified radius vs the paper\'s empirical radius vs the PGD-found radius'),
     Experiment('crmt_official_vs_fixed', 'ours', 'official-vs-fixed',
                'What the authors\' code deviations (official=True) change'),
+    Experiment('crmt_many_views', 'ours', 'many-views',
+               'Beyond the paper: CRMT on 3 and 6 modalities (per-view preference, uni-modal PGD, vulnerability; UCI mfeat)'),
     Experiment('soe_fig1_xor', 'soe', 'fig1',
                'SoE Figure 1: XOR toy, averaging ensemble of two linear models vs their collaboration'),
     Experiment('soe_table2_submodels', 'soe', 'table2',

@@ -477,3 +477,41 @@ def test_paper_resnet_encoders_sound():
         x = torch.randn(1, *shape, generator=g).requires_grad_(True); u = torch.randn(512, generator=g)
         found = torch.autograd.grad(enc(x)[0] @ (u / u.norm()), x)[0].norm().item()      # ≤ ‖J(x)‖₂
         assert math.isfinite(ub) and 0 < found <= ub, (modality, found, ub)
+
+
+# ---------------------------------------------------------------- M > 2 (the theory is a sum over modalities)
+def _padded(m2, extra_shapes, g):
+    "An (2 + len(extra_shapes))-modality copy of `m2` whose extra modalities do not reach the logits (zero head rows / a)."
+    shapes_enc = [MLP(s[0], 6, hidden=(12,)) for s in extra_shapes]
+    m = JointModel(list(m2.encoders) + shapes_enc, [6] * (2 + len(extra_shapes)), m2.n_classes, head=m2.head, orth=m2.orth)
+    with torch.no_grad():
+        m.bias.copy_(m2.bias)
+        for i, lin in enumerate(m.fcs):
+            if m.orth == 'orthonormal':                                  # W̃ is a parametrisation: copy the raw weight
+                lin.parametrizations.weight.original.copy_(m2.fcs[i].parametrizations.weight.original if i < 2 else torch.randn_like(lin.parametrizations.weight.original))
+            else: lin.weight.copy_(m2.fcs[i].weight if i < 2 else torch.zeros_like(lin.weight))
+        if m.head == 'orth': m.a.copy_(torch.cat([m2.a, torch.zeros(len(extra_shapes), m2.n_classes)]))
+    return m.eval()
+
+
+@pytest.mark.parametrize('head,orth', HEADS)
+@pytest.mark.parametrize('M', [3, 4, 5, 6])
+def test_bounds_general_in_M(head, orth, M):
+    "M = 3..6: η̂ (pairs) and τ̂ match the brute-force loop; a 2-modality model padded with silent modalities keeps its η and radii."
+    g = torch.Generator().manual_seed(50 + M)
+    shapes = [(7,), (5,), (4,), (6,), (3,), (8,)][:M]
+    m = _model(shapes, 4, head, orth, g)
+    batches = [(_inputs(shapes, 5, g), torch.randint(0, 4, (5,), generator=g))]
+    fct.test_close(empirical_lipschitz(m, batches, pairs=True), _loop_reference(m, batches, pairs=True), eps=1e-4)
+    fct.test_close(empirical_lipschitz(m, batches), _loop_reference(m, batches), eps=1e-5)
+    m2 = _model(shapes[:2], 4, head, orth, g); mp = _padded(m2, shapes[2:], g)
+    xs = _inputs(shapes, 16, g); y = m2(xs[:2]).logits.argmax(1)
+    fct.test_close(mp(xs).logits, m2(xs[:2]).logits, eps=1e-5)
+    eta2, etap = (empirical_lipschitz(mm, [(x, y)], pairs=True) for mm, x in ((m2, xs[:2]), (mp, xs)))
+    fct.test_close(etap[:2], eta2, eps=1e-5); fct.test_eq(etap[2:], torch.zeros_like(etap[2:]))
+    L = [lipschitz_upper(e, s) for e, s in zip(mp.encoders, shapes)]
+    fct.test_close(certified_radius(mp, xs, y, L, tight=True), certified_radius(m2, xs[:2], y, L[:2], tight=True), eps=1e-5)
+    for k in range(M):                                                  # uni-modal radius: ∞ on a silent modality
+        r = unimodal_certified_radius(mp, xs, y, L, k, tight=True)
+        if k >= 2: assert torch.isinf(r).all()
+        else: fct.test_close(r, unimodal_certified_radius(m2, xs[:2], y, L[:2], k, tight=True), eps=1e-5)
