@@ -50,6 +50,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'CRMT Figure 5: ablation of the two CRMT steps (JT, OJT, CRMT-step1, CRMT-step2, CRMT-JT)'),
     Experiment('crmt_certified_vs_empirical', 'ours', 'certificates',
                'Sound certified radius vs the paper\'s empirical radius vs the PGD-found radius'),
+    Experiment('crmt_smoothing_certificates', 'ours', 'smoothing',
+               'Randomized-smoothing certificates per modality vs the Lipschitz certificate and PGD (JT, CRMT-JT, noise-trained)'),
     Experiment('crmt_official_vs_fixed', 'ours', 'official-vs-fixed',
                'What the authors\' code deviations (official=True) change'),
     Experiment('soe_fig1_xor', 'soe', 'fig1',
