@@ -12,6 +12,7 @@ from .train import Method
 from .methods_imbalance import GB, OGM, PMR
 from .methods_robust import MSEFM, MMAT, Mixup
 from .methods_crmt import CRMT, CRMTStep2
+from .smoothing import with_noise
 
 # %% auto #0
 __all__ = ['METHODS', 'MethodFactory', 'build_model']
@@ -43,6 +44,8 @@ METHODS: dict[str, MethodFactory] = {f.name: f for f in [
     MethodFactory('OJT', CRMT, rho=0.0, step2=False),
     MethodFactory('CRMT-step1', CRMT, step2=False),
     MethodFactory('CRMT-step2', CRMT, rho=0.0),
+    MethodFactory('JT+noise', with_noise(Method)),
+    MethodFactory('CRMT-JT+noise', with_noise(CRMT), inputs='clean'),
 ]}
 
 def _mmt(method: Method, shapes, n_classes: int, dataset, a_init: float, opts: dict) -> JointModel:

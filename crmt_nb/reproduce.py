@@ -52,6 +52,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'CRMT Table 3: a multi-modal transformer, MMT vs CRMT-MMT (step 1 only), uni- and multi-modal FGM / l2-PGD'),
     Experiment('crmt_certified_vs_empirical', 'ours', 'certificates',
                'Sound certified radius vs the paper\'s empirical radius vs the PGD-found radius'),
+    Experiment('crmt_smoothing_certificates', 'ours', 'smoothing',
+               'Randomized-smoothing certificates per modality vs the Lipschitz certificate and PGD (JT, CRMT-JT, noise-trained)'),
     Experiment('crmt_official_vs_fixed', 'ours', 'official-vs-fixed',
                'What the authors\' code deviations (official=True) change'),
     Experiment('crmt_many_views', 'ours', 'many-views',
