@@ -43,7 +43,7 @@ class CRMTStep2(Method):
 def __init__(self, **kw):
     super(CRMTStep2, self).__init__(**kw)
     if self.official: self.j, self.samples = 'runner_up', 'all'
-    self.train_bn = self.recreate_optimizer = bool(self.official)
+    self.train_bn = self.recreate_optimizer = self.continues = bool(self.official)
     self.tau = None
 
 # %% ../nbs/07c_methods_crmt.ipynb #c37604be
