@@ -19,8 +19,8 @@ from .methods import METHODS, build_model
 from .reproduce import RESULT_COLUMNS, EXPERIMENTS, experiments_dir, save_results, save_figure, save_summary
 
 # %% auto #0
-__all__ = ['MODEL_KINDS', 'NOT_TRAINING_CODE', 'KINDS', 'load_dataset', 'experiment_data', 'train_config', 'optimizer_of',
-           'scheduler_of', 'build', 'train_model', 'training_code_hash', 'cache_key', 'get_or_train',
+__all__ = ['MODEL_KINDS', 'NOT_TRAINING_CODE', 'CHECKPOINTS', 'KINDS', 'load_dataset', 'experiment_data', 'train_config',
+           'optimizer_of', 'scheduler_of', 'build', 'train_model', 'training_code_hash', 'cache_key', 'get_or_train',
            'notebook_parameters', 'injected_parameters', 'check_seeds', 'check_names', 'check_radii', 'check_choice',
            'check_device', 'check_parameter', 'check_parameters', 'Results', 'Claims', 'Run', 'setup_experiment']
 
@@ -87,18 +87,18 @@ def build(cfg: dict, splits):
 
 # %% ../nbs/08a_experiment.ipynb #a68ec5b7
 def train_model(splits, cfg: dict, seed: int = 0, device='auto', ckpt_dir=None, progress=True, test=False) -> Trained:
-    "Train one model from a config, reproducibly from `seed` (resuming from `ckpt_dir` if given)."
+    "Train one model from a config, reproducibly from `seed` (resuming from `ckpt_dir` if given); also its fixed-epoch model (`.last`)."
     device = get_device(device)
     with num_threads(cfg.get('cpu_threads') if device.type == 'cpu' else None):   # same threads ⇒ same weights
         g = seed_everything(seed)
         model, method = build(cfg, splits)
         method.bind_data(splits)
         tr, va, te = loaders(splits, cfg['batch_size'], g, device, max_train=cfg['max_train'])
-        opt = optimizer_of(cfg, model.parameters())
+        opt = optimizer_of(cfg, model.parameters()); last = {}
         h = fit(model, method, tr, va, epochs=cfg['epochs'], optimizer=opt, scheduler=scheduler_of(cfg, opt),
                 device=device, test_dl=te if (test or cfg['select_on'] == 'test') else None, select_on=cfg['select_on'],
-                ckpt_dir=ckpt_dir, resume=ckpt_dir is not None, seed=seed, progress=progress)
-    return Trained(model, method, h, cfg)
+                ckpt_dir=ckpt_dir, resume=ckpt_dir is not None, seed=seed, progress=progress, last=last)
+    return Trained(model, method, h, cfg, last=last)
 
 # %% ../nbs/08a_experiment.ipynb #62669613
 NOT_TRAINING_CODE = ('__init__', '_modidx', 'reproduce', 'paper', 'prep', 'evaluate')
@@ -113,10 +113,14 @@ def cache_key(cfg: dict, splits, **extra) -> dict:
             'data': {'shapes': splits.shapes, 'n_classes': splits.n_classes, 'sizes': (len(splits.train), len(splits.valid))}}
 
 # %% ../nbs/08a_experiment.ipynb #a79dec63
+CHECKPOINTS = ('selected', 'last')
+
 def get_or_train(dataset, method: str, config: dict | None = None, seed: int = 0, *, profile='mini',
-                 device='auto', root=None, progress=True) -> Trained:
+                 device='auto', root=None, progress=True, checkpoint: str = 'selected') -> Trained:
     """The trained model of (dataset, method, config, seed) from the cache under `run_dir(profile, root)/models`,
-    training it once if missing. `dataset` is a `DataSplits` or a built-in name ('mfeat pix+fou')."""
+    training it once if missing. `dataset` is a `DataSplits` or a built-in name ('mfeat pix+fou'). `checkpoint`:
+    'selected' (the config's `select_on`) or 'last' (the fixed-epoch model of the same training run)."""
+    if checkpoint not in CHECKPOINTS: raise ValueError(f"checkpoint must be 'selected' or 'last', got {checkpoint!r}")
     splits = load_dataset(dataset) if isinstance(dataset, str) else dataset
     cfg = config if config is not None else train_config(profile, method)
     if cfg['method'] != method: raise ValueError(f"config is for method {cfg['method']!r}, not {method!r}")
@@ -125,12 +129,13 @@ def get_or_train(dataset, method: str, config: dict | None = None, seed: int = 0
     path = cache.path(splits.name, method, key, seed)
     def train():
         t = train_model(splits, cfg, seed, device, ckpt_dir=path.with_suffix('.ckpt'), progress=progress)
-        return {'model': t.model.state_dict(), 'method': t.method.state_dict(),
-                'history': t.history.to_dict('list'), 'config': cfg}
+        return {'model': t.model.state_dict(), 'method': t.method.state_dict(), 'history': t.history.to_dict('list'),
+                'config': cfg, 'last': {**t.last, 'history': t.last['history'].to_dict('list')}}
     ck = cache.get_or_train(splits.name, method, key, seed, train)   # the key includes the input shapes
     if path.exists() and path.with_suffix('.ckpt').exists(): shutil.rmtree(path.with_suffix('.ckpt'), ignore_errors=True)
     model, m = build(cfg, splits)
-    m.bind_data(splits); model.load_state_dict(ck['model']); m.load_state_dict(ck['method'])
+    sd = ck if checkpoint == 'selected' else ck['last']
+    m.bind_data(splits); model.load_state_dict(sd['model']); m.load_state_dict(sd['method'])
     return Trained(model.to(get_device(device)).eval(), m, pd.DataFrame(ck['history']), cfg)
 
 # %% ../nbs/08a_experiment.ipynb #2984214b
@@ -307,10 +312,11 @@ def config(self, method: str, overrides: dict | None = None) -> dict:
     return train_config(self.profile, method, **{**(getattr(self.p, 'train_overrides', None) or {}), **(overrides or {})})
 
 @patch_to(Run)
-def trained(self, method: str, seed: int, overrides: dict | None = None, progress: bool = True) -> Trained:
-    "The model of (data, method, config, seed) from the run's model cache; trained once, with a progress bar."
+def trained(self, method: str, seed: int, overrides: dict | None = None, progress: bool = True,
+            checkpoint: str = 'selected') -> Trained:
+    "The model of (data, method, config, seed) from the run's model cache (trained once, with a progress bar); `checkpoint`: 'selected' | 'last'."
     return get_or_train(self.splits, method, self.config(method, overrides), seed, profile=self.profile.name,
-                        device=self.device, root=self.root, progress=progress)
+                        device=self.device, root=self.root, progress=progress, checkpoint=checkpoint)
 
 # %% ../nbs/08a_experiment.ipynb #e7082944
 @patch_to(Run)

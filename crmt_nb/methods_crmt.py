@@ -36,14 +36,19 @@ class CRMTStep2(Method):
     optimizer: str = 'sgd'
     j: str = 'min'                 # the class j of Eq 10: 'min' (the rigorous min over j ≠ y) | 'runner_up' (code)
     samples: str = 'all'           # 'all' (the paper's mean over the data) | 'correct'
+    abs_a: bool = True             # |a| in the bound's denominator (the code: a as it is)
+    lip: str = 'paper'             # τ̃: 'paper' (of s^(m), every modality) | 'official' (the code's get_lip)
+    train_bn: bool = False         # BN in train mode during step 2 (the code's model.train())
     official: bool = False
 
 # %% ../nbs/07c_methods_crmt.ipynb #5460f4fd
 @patch_to(CRMTStep2)
 def __init__(self, **kw):
     super(CRMTStep2, self).__init__(**kw)
-    if self.official: self.j, self.samples = 'runner_up', 'all'
-    self.train_bn = self.recreate_optimizer = bool(self.official)
+    if self.official:
+        self.j, self.samples, self.abs_a, self.lip = 'runner_up', 'all', False, 'official'
+        self.train_bn = self.recreate_optimizer = self.continues = True
+    if self.lip not in ('paper', 'official'): raise ValueError(f"lip must be 'paper' or 'official', got {self.lip!r}")
     self.tau = None
 
 # %% ../nbs/07c_methods_crmt.ipynb #c37604be
@@ -57,7 +62,7 @@ def make_optimizer(self, model):
 @patch_to(CRMTStep2)
 def on_epoch_start(self, ctx):
     if self.tau is None:
-        self.tau = bounds.empirical_lipschitz(ctx.model, ctx.train_dl, official=self.official)
+        self.tau = bounds.empirical_lipschitz(ctx.model, ctx.train_dl, official=self.lip == 'official')
 
 # %% ../nbs/07c_methods_crmt.ipynb #1708efbd
 @patch_to(CRMTStep2)
@@ -65,7 +70,7 @@ def l2(self, model, xs, y) -> tuple:
     "(L2, logits) on a batch with the current τ̃."
     out = fixed_scores(model, xs)
     return losses.bound_loss(model, out.unimodal, y, self.tau, j=self.j, samples=self.samples,
-                             abs_a=not self.official), out.logits
+                             abs_a=self.abs_a), out.logits
 
 # %% ../nbs/07c_methods_crmt.ipynb #57554f72
 @patch_to(CRMTStep2)
@@ -99,13 +104,23 @@ class CRMT(MixupInputs, AdversarialInputs, Method):
     step2_lr: float = 3e-5
     step2_optimizer: str = 'sgd'
     base_lr: float = 1e-3          # the step-1 lr (official step 2 uses 0.03 × it)
+    # one switch per deviation of the authors' step 2 (all 'official' with official=True; see the table above)
+    step2_recipe: str = 'ours'     # 'ours' (step2_optimizer/lr, eval BN, one optimiser) | 'official'
+    step2_loss: str = 'paper'      # 'paper' (min over j ≠ y, |a|) | 'official' (runner-up j, a as it is)
+    step2_lip: str = 'paper'       # 'paper' (τ̃ of s^(m)) | 'official' (get_lip as coded)
+    step2_start: str = 'selected'  # 'selected' (the selected step-1 epoch; keep a step-2 epoch) | 'last' (continue step 1)
 
 # %% ../nbs/07c_methods_crmt.ipynb #5e2366d1
 @patch_to(CRMT)
 def __init__(self, **kw):
     super(CRMT, self).__init__(**kw)
     if self.inputs not in ('clean', 'at', 'mix'): raise ValueError(f"inputs must be 'clean', 'at' or 'mix', got {self.inputs!r}")
-    if self.official: self.orth, self.a_init = 'rownorm', 0.1
+    if self.official:
+        self.orth, self.a_init, self.at_sample = 'rownorm', 0.1, 'official'
+        self.step2_recipe = self.step2_loss = self.step2_lip = 'official'; self.step2_start = 'last'
+    for k, ok in (('step2_recipe', ('ours', 'official')), ('step2_loss', ('paper', 'official')),
+                  ('step2_lip', ('paper', 'official')), ('step2_start', ('selected', 'last'))):
+        if getattr(self, k) not in ok: raise ValueError(f'{k} must be one of {ok}, got {getattr(self, k)!r}')
     if isinstance(self.a_init, bool) or not isinstance(self.a_init, (int, float)) or not math.isfinite(self.a_init):
         raise ValueError(f'a_init must be a finite number, got {self.a_init!r}')
     self._stage2 = None
@@ -150,7 +165,9 @@ def loss(self, model, xs, y):
 def next_stage(self):
     if not self.step2: return None
     if self._stage2 is None:
-        if self.official: kw = dict(lr=0.03 * self.base_lr, momentum=0.9, weight_decay=1e-2, optimizer='sgd')
+        if self.step2_recipe == 'official': kw = dict(lr=0.03 * self.base_lr, momentum=0.9, weight_decay=1e-2, optimizer='sgd',
+                                                      train_bn=True, recreate_optimizer=True)
         else: kw = dict(lr=self.step2_lr, optimizer=self.step2_optimizer)
-        self._stage2 = CRMTStep2(epochs=self.step2_epochs, official=self.official, **kw)
+        if self.step2_loss == 'official': kw.update(j='runner_up', samples='all', abs_a=False)
+        self._stage2 = CRMTStep2(epochs=self.step2_epochs, lip=self.step2_lip, continues=self.step2_start == 'last', **kw)
     return self._stage2

@@ -83,15 +83,18 @@ def official_at_sample(model, xs, y, eps: float = 0.1, steps: int = 5, alpha: fl
 
 # %% ../nbs/07b_methods_robust.ipynb #e8393ab2
 class AdversarialInputs:
-    "Mixin: AT training examples in a joint l2 ball: `eps` (0.1), `steps` (5) of `step_size` (None: ε/steps); `official` = theirs."
+    """Mixin: AT training examples in a joint l2 ball: `eps` (0.1), `steps` (5) of `step_size` (None: ε/steps);
+    `at_sample`: 'pgd' (ours) | 'official' (the authors' `generate_AT_sample`, also implied by `official`)."""
     eps: float = 0.1
     steps: int = 5
     step_size: float | None = None
     official: bool = False
+    at_sample: str = 'pgd'
     boxes: tuple | None = None
     def __init__(self, **kw):
         super().__init__(**kw)
         check_at_budget(self.eps, self.steps, self.step_size)
+        if self.at_sample not in ('pgd', 'official'): raise ValueError(f"at_sample must be 'pgd' or 'official', got {self.at_sample!r}")
 
 # %% ../nbs/07b_methods_robust.ipynb #8029716e
 @patch_to(AdversarialInputs)
@@ -101,9 +104,9 @@ def bind_data(self, splits):
 
 @patch_to(AdversarialInputs)
 def adversarial(self, model, xs, y) -> tuple:
-    "The training examples: `pgd_l2` (‖δ‖₂ ≤ ε jointly), or with `official` the authors' `official_at_sample`."
+    "The training examples: `pgd_l2` (‖δ‖₂ ≤ ε jointly), or (`official`, `at_sample='official'`) the authors' `official_at_sample`."
     eps, steps, alpha = check_at_budget(self.eps, self.steps, self.step_size)
-    if self.official: return official_at_sample(model, xs, y, eps, steps, alpha)
+    if self.official or self.at_sample == 'official': return official_at_sample(model, xs, y, eps, steps, alpha)
     return pgd_l2(model, xs, y, eps, steps=steps, alpha=alpha, random_start=False, boxes=self.boxes)
 
 # %% ../nbs/07b_methods_robust.ipynb #1cd83c5d

@@ -38,13 +38,17 @@ class Method:
 
     Class attributes a caller reads: `head` ('concat' | 'orth') and `orth` ('rownorm' | 'orthonormal'), the model
     head the method needs; `train_bn` (model in train mode during the stage); for a second stage, `epochs`,
-    `make_optimizer(model)` and `recreate_optimizer` (a fresh optimiser every epoch)."""
+    `make_optimizer(model)`, `recreate_optimizer` (a fresh optimiser every epoch) and `continues` (the stage
+    continues the previous one's run: it starts from that stage's *last* epoch, and its epochs compete with that
+    stage's best for the selection — the authors' CRMT step 2; default: it starts from the previous stage's
+    selected epoch and keeps one of its own)."""
     name: str = 'JT'
     head: str = 'concat'
     orth: str = 'rownorm'
     train_bn: bool = True
     epochs: int | None = None          # set on a second stage only
     recreate_optimizer: bool = False
+    continues: bool = False            # see the docstring: a later stage that continues the previous one
     def __init__(self, **kw):
         for k, v in kw.items():
             if not hasattr(self, k): raise TypeError(f'{type(self).__name__} has no option {k!r}')
@@ -184,6 +188,7 @@ class _Fit:
     progress: bool
     grad_clip: float | None
     history: list = field(default_factory=list)
+    lasts: dict = field(default_factory=dict)       # stage -> its last epoch (weights, RNG) without a ckpt_dir
 
 # %% ../nbs/06_train.ipynb #4d68b3f3
 @patch_to(_Fit)
@@ -210,23 +215,43 @@ def save_last(self, opt, sched, stage: int, epoch: int, best: dict):
 # %% ../nbs/06_train.ipynb #428deafc
 @patch_to(_Fit)
 def select(self, best: dict | None, row: dict, stage: int) -> dict:
-    "Keep this epoch if its `select_on` score beats the stage's best so far ('last': every epoch does)."
-    score = {'valid': row.get('valid_acc'), 'test': row.get('test_acc'), 'last': row['epoch']}[self.select_on]
+    """Keep this epoch if its `select_on` score beats the best so far — of the stage, or of the chain of stages it
+    continues ('last': every epoch does). The best names its stage, epoch and the chain's first stage (`from`)."""
+    score = {'valid': row.get('valid_acc'), 'test': row.get('test_acc'), 'last': len(self.history)}[self.select_on]
     if best is not None and score <= best['score']: return best
-    best = {'score': score, 'epoch': row['epoch']}
+    new = {'score': score, 'stage': stage, 'epoch': row['epoch'], 'from': stage if best is None else best['from']}
     if self.ckpt_dir is not None: save_torch(self.ctx.model.state_dict(), self.ckpt_dir / f'best-s{stage}.pt')
-    else: best['weights'] = copy.deepcopy(self.ctx.model.state_dict())
-    return best
+    else: new['weights'] = copy.deepcopy(self.ctx.model.state_dict())
+    return new
 
 # %% ../nbs/06_train.ipynb #8b39feb8
 @patch_to(_Fit)
 def keep_selected(self, best: dict | None, stage: int):
-    "Load the stage's selected weights into the model and mark the selected epoch in the history."
+    "Load the selected weights (of the stage, or of the chain it ends) into the model; mark the selected epoch."
     if best is None: return
-    sd = best['weights'] if self.ckpt_dir is None else load_torch(self.ckpt_dir / f'best-s{stage}.pt', map_location=self.ctx.device)
+    sd = best['weights'] if self.ckpt_dir is None else load_torch(self.ckpt_dir / f"best-s{best['stage']}.pt", map_location=self.ctx.device)
     self.ctx.model.load_state_dict(sd)
     for r in self.history:
-        if r['stage'] == stage + 1: r['selected'] = r['epoch'] == best['epoch']
+        if best['from'] < r['stage'] <= stage + 1: r['selected'] = (r['stage'], r['epoch']) == (best['stage'] + 1, best['epoch'])
+
+@patch_to(_Fit)
+def continued(self, s: int) -> bool:
+    "Does the stage after `s` continue it (start from its last epoch, select over both)?"
+    return s + 1 < len(self.stages) and self.stages[s + 1].continues
+
+# %% ../nbs/06_train.ipynb #ca83fddf
+@patch_to(_Fit)
+def keep_last(self, s: int, n_ep: int, best: dict | None):
+    "Record stage `s`'s last epoch: weights, RNG state, and whether the run goes on from it (no other epoch selected)."
+    rec = {'model': copy.deepcopy(self.ctx.model.state_dict()), 'rng': _rng_state(self.ctx, self.ctx.train_dl),
+           'kept': best is None or self.continued(s) or (best['stage'], best['epoch']) == (s, n_ep)}
+    if self.ckpt_dir is not None: save_torch(rec, self.ckpt_dir / f'last-s{s}.pt')
+    else: self.lasts[s] = rec
+
+@patch_to(_Fit)
+def last_of(self, s: int) -> dict:
+    "The record `keep_last` made for stage `s` (from the checkpoint folder after a resume)."
+    return self.lasts[s] if self.ckpt_dir is None else load_torch(self.ckpt_dir / f'last-s{s}.pt', map_location=self.ctx.device)
 
 # %% ../nbs/06_train.ipynb #9596b009
 @patch_to(_Fit)
@@ -244,9 +269,10 @@ def epoch(self, m: Method, stage: int, ep: int, opt, sched) -> dict:
 
 # %% ../nbs/06_train.ipynb #13cdff39
 @patch_to(_Fit)
-def stage(self, s: int, m: Method, n_ep: int, opt, sched, state: dict | None):
-    "Run stage `s` (from the checkpoint `state` when resuming inside it), then keep its selected weights."
-    start, best = (state['epoch'], state['best']) if state is not None else (0, None)
+def stage(self, s: int, m: Method, n_ep: int, opt, sched, state: dict | None, carried: dict | None = None) -> dict | None:
+    """Run stage `s` (from the checkpoint `state` when resuming inside it; `carried`: the best of the stage it
+    continues), record its last epoch, then keep its selected weights unless the next stage continues it."""
+    start, best = (state['epoch'], state['best']) if state is not None else (0, carried)
     if state is not None:
         opt.load_state_dict(state['optimizer'])
         if sched is not None and state['scheduler'] is not None: sched.load_state_dict(state['scheduler'])
@@ -260,29 +286,59 @@ def stage(self, s: int, m: Method, n_ep: int, opt, sched, state: dict | None):
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}", **({'valid': f"{row['valid_acc']:.3f}"} if 'valid_acc' in row else {}))
         self.save_last(opt, sched, s, ep + 1, best)
     bar.close()
-    self.keep_selected(best, s)
+    self.keep_last(s, n_ep, best)
+    if not self.continued(s): self.keep_selected(best, s)
+    return best
+
+# %% ../nbs/06_train.ipynb #1b9f583f
+@patch_to(_Fit)
+def fixed_epoch(self, pristine: Method, fitted: Method) -> dict:
+    """The model `select_on='last'` trains, from this run: re-run the stages after the first stage `d` that kept
+    another epoch than its last, from `d`'s last epoch and RNG state (fresh stages from `pristine`, the untrained
+    method); then `fitted` (the trained method, copied before `on_fit_end`) ends on it."""
+    n = len(self.stages)
+    d = next((s for s in range(n - 1) if not self.last_of(s)['kept']), None)
+    start = self.last_of(n - 1 if d is None else d)
+    ctx = dataclasses.replace(self.ctx, model=copy.deepcopy(self.ctx.model))
+    ctx.model.load_state_dict(start['model']); _set_rng_state(start['rng'], ctx, ctx.train_dl)
+    track = _Fit(fitted, [fitted, *stages_of(pristine)[1:]], ctx, None, 'last', None, False, self.grad_clip)
+    for s in range(n)[d + 1:] if d is not None else ():
+        m = track.stages[s]; track.stage(s, m, m.epochs, m.make_optimizer(ctx.model), None, None)
+    ctx.stage, ctx.epoch = n - 1, None
+    fitted.on_fit_end(ctx)
+    return {'model': ctx.model.eval().state_dict(), 'method': fitted.state_dict(), 'history': pd.DataFrame(track.history)}
 
 # %% ../nbs/06_train.ipynb #87cbae33
+@patch_to(_Fit)
+def run_stages(self, epochs: int, optimizer, scheduler, state: dict | None):
+    "Every stage in order (skipping those a resumed `state` has finished), each carrying the best if it continues."
+    best = None
+    for s, m in enumerate(self.stages):
+        if state is not None and s < state['stage']: continue
+        first, here = s == 0, state if state is not None and s == state['stage'] else None
+        best = self.stage(s, m, epochs if first else m.epochs, optimizer if first else m.make_optimizer(self.ctx.model),
+                          scheduler if first else None, here, carried=best if m.continues else None)
+        state = None
+    self.ctx.stage, self.ctx.epoch = len(self.stages) - 1, None
+
+# %% ../nbs/06_train.ipynb #890c6bba
 def fit(model: nn.Module, method: Method, train_dl, valid_dl=None, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler=None, device='auto', test_dl=None,
         select_on: str = 'valid', ckpt_dir: str | Path | None = None, resume: bool = False,
-        seed: int = 0, progress: bool = True, grad_clip: float | None = None) -> pd.DataFrame:
+        seed: int = 0, progress: bool = True, grad_clip: float | None = None, last: dict | None = None) -> pd.DataFrame:
     """Train `model` with `method` (and its later stages) in place; return the per-epoch history.
 
     The model ends with the selected weights of the last stage. `ckpt_dir` enables per-epoch checkpoints
-    (`last.pt`, `best-s<stage>.pt`); `resume=True` continues from `ckpt_dir/last.pt` when it exists."""
+    (`last.pt`, `best-s<stage>.pt`, `last-s<stage>.pt`); `resume=True` continues from `ckpt_dir/last.pt` when it
+    exists. `last`: a dict that receives the fixed-epoch model too (`'model'`, `'method'` state dicts, `'history'`)."""
     _check_fit(select_on, valid_dl, test_dl, resume, ckpt_dir, epochs)
+    pristine = copy.deepcopy(method) if last is not None else None
     ctx = _start(model, train_dl, valid_dl, get_device(device), seed)
     run = _Fit(method, stages_of(method), ctx, test_dl, select_on, Path(ckpt_dir) if ckpt_dir else None, progress, grad_clip)
-    state = run.resume() if resume else None
-    for s, m in enumerate(run.stages):
-        if state is not None and s < state['stage']: continue
-        first = s == 0
-        run.stage(s, m, epochs if first else m.epochs, optimizer if first else m.make_optimizer(model),
-                  scheduler if first else None, state if state is not None and s == state['stage'] else None)
-        state = None
-    ctx.stage, ctx.epoch = len(run.stages) - 1, None
+    run.run_stages(epochs, optimizer, scheduler, run.resume() if resume else None)
+    fitted = copy.deepcopy(method) if last is not None else None
     method.on_fit_end(ctx)
+    if last is not None: last.update(run.fixed_epoch(pristine, fitted))
     model.eval()
     return pd.DataFrame(run.history)
 
@@ -325,10 +381,11 @@ class Predictor(nn.Module):
 # %% ../nbs/06_train.ipynb #9faa03bc
 @dataclass
 class Trained:
-    "A trained model, its method (with learned state) and its training history."
+    "A trained model, its method (with learned state), its training history; `last`: the fixed-epoch model's state (`fit(last=)`)."
     model: nn.Module
     method: Method
     history: pd.DataFrame
     config: dict
+    last: dict | None = None
     @property
     def predictor(self) -> Predictor: return Predictor(self.model, self.method).eval()

@@ -172,6 +172,18 @@ def test_official_at_sample_equals_authors_formula(head, eps):
     assert (r(ours) <= eps + 1e-6).all() and r(ours).median() < 0.9 * rp.median()      # not the proper PGD
 
 
+def test_at_sample_switch_alone_is_the_authors_sampler():
+    "CRMT-AT with at_sample='official' (nothing else official) draws exactly the authors' AT examples."
+    xs, y = batch()
+    torch.manual_seed(2); model = joint_model(D.shapes, 10, head='orth').train()
+    m = METHODS['CRMT-AT'](at_sample='official', eps=0.3); m.bind_data(D)
+    assert not m.official and m.orth == 'orthonormal' and m.step2_recipe == 'ours'
+    for a, b in zip(m.adversarial(copy.deepcopy(model), xs, y), _authors_at(xs, y, copy.deepcopy(model), 0.3)):
+        fct.test_close(a, b, eps=1e-6)
+    fct.test_eq(METHODS['CRMT-AT'](official=True).at_sample, 'official')
+    fct.test_fail(lambda: MMAT(at_sample='fgsm'), contains="at_sample must be 'pgd' or 'official'")
+
+
 def test_at_budget_is_a_checked_option():
     xs, y = batch()
     torch.manual_seed(0); model = joint_model(D.shapes, 10, head='orth').train()

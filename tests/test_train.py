@@ -137,3 +137,78 @@ def test_same_weights_whatever_the_callers_thread_count():
         fct.test_eq(_weights_at(2, cfg), _weights_at(1, cfg))
         assert torch.get_num_threads() == 1      # restored to the caller's count
     finally: torch.set_num_threads(before)
+
+
+# --- step 2 semantics (ours vs the authors') and the fixed-epoch model ------------------------------------------
+
+def _crmt_run(official, select_on='valid', last=None):
+    """CRMT-JT, 3 step-1 + 2 step-2 epochs, selected on a label-shifted validation split (the better the model, the
+    lower its score: selection keeps an early step-1 epoch). Returns the model, the history, the step-1 weights after
+    each epoch and the weights step 2 started from."""
+    g = seed_everything(0)
+    tr, va, _ = loaders(D, 64, g, 'cpu', max_train=128, max_eval=100)
+    anti = [(xs, (y + 1) % 10) for xs, y in va]
+    method = METHODS['CRMT-JT'](official=official, step2_epochs=2, step2_optimizer='adam', step2_lr=1e-2, base_lr=3e-3)
+    model = build_model(method, D.shapes, 10)
+    snaps, start = [], {}
+    method.on_epoch_end = lambda ctx: snaps.append({k: v.clone() for k, v in ctx.model.state_dict().items()}) or {}
+    s2 = method.next_stage(); orig = s2.on_epoch_start
+    def probe(ctx):
+        if ctx.epoch == 0: start.update({k: v.clone() for k, v in ctx.model.state_dict().items()})
+        return orig(ctx)
+    if last is None: s2.on_epoch_start = probe            # (a probe bound to this stage would leak into fit's fresh copy)
+    h = fit(model, method, tr, anti, epochs=3, optimizer=torch.optim.Adam(model.parameters(), 3e-3), select_on=select_on,
+            seed=0, progress=False, last=last)
+    return model, h, snaps, start
+
+
+def _same(a: dict, b: dict) -> bool: return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize('official', [False, True])
+def test_step2_start_and_keep(official):
+    model, h, snaps, start = _crmt_run(official)
+    s1 = h[h.stage == 1]
+    sel1 = int(s1.valid_acc.values.argmax())                  # the best step-1 epoch (first of ties, as `select`)
+    assert sel1 != len(snaps) - 1                              # it is not the last one: the two rules differ here
+    # ours starts step 2 from the selected step-1 epoch, the authors' from the last one
+    assert _same(start, snaps[-1] if official else snaps[sel1])
+    assert not _same(start, snaps[sel1] if official else snaps[-1])
+    if official:        # one selection over both steps: the kept epoch is the best of all five
+        fct.test_eq(h.selected.sum(), 1)
+        best = h.loc[h.valid_acc.idxmax()]
+        assert best.selected
+        if best.stage == 1: assert _same(model.state_dict(), snaps[int(best.epoch) - 1])    # a step-1 epoch kept
+    else:               # one per step, and the model ends with a step-2 epoch (its a differs from step 1's)
+        fct.test_eq(h.groupby('stage').selected.sum().tolist(), [1, 1])
+        assert not torch.equal(model.integration.detach(), snaps[sel1]['a'])
+
+
+def test_official_can_keep_a_step1_epoch():
+    "The label-shifted split makes the least trained epochs best: the authors' rule keeps step 1's first epoch."
+    model, h, snaps, _ = _crmt_run(True)
+    sel = h[h.selected.astype(bool)]
+    fct.test_eq((int(sel.stage.iloc[0]), int(sel.epoch.iloc[0])), (1, int(h[h.stage == 1].valid_acc.values.argmax()) + 1))
+    assert _same(model.state_dict(), snaps[int(sel.epoch.iloc[0]) - 1])
+    d_model, d_h, _, _ = _crmt_run(False)                     # ours always ends in step 2
+    assert d_h[d_h.selected.astype(bool)].stage.max() == 2
+
+
+@pytest.mark.parametrize('official', [False, True])
+def test_fixed_epoch_model_is_what_select_last_trains(official):
+    lt = {}
+    _crmt_run(official, last=lt)
+    m_last, h_last, _, _ = _crmt_run(official, select_on='last')
+    assert _same(lt['model'], m_last.state_dict())
+    fct.test_eq(len(lt['history']), 0 if official else 2)     # ours re-ran step 2 from the last step-1 epoch
+
+
+def test_fixed_epoch_of_a_one_stage_method_and_the_cache(tmp_path):
+    cfg = small_cfg('MSEFM', epochs=3, ista_iters=20)
+    t = get_or_train(D, 'MSEFM', cfg, seed=0, profile='smoke', device='cpu', root=tmp_path, progress=False)
+    tl = get_or_train(D, 'MSEFM', cfg, seed=0, profile='smoke', device='cpu', root=tmp_path, progress=False, checkpoint='last')
+    ref = train_model(D, {**cfg, 'select_on': 'last'}, seed=0, device='cpu', progress=False)
+    fct.test_eq(weights(tl.model), weights(ref.model))
+    fct.test_eq(tl.method.dicts, ref.method.dicts)            # the ExFM dictionaries of the last epoch's model
+    fct.test_eq(len(list((tmp_path / 'models').rglob('*.pt'))), 1)   # one training, one cache entry, two models
+    fct.test_fail(lambda: get_or_train(D, 'MSEFM', cfg, root=tmp_path, checkpoint='best'), contains="'selected' or 'last'")
