@@ -120,7 +120,7 @@ PROFILES: dict[str, Profile] = {
 }
 PROFILES['paper-dry'] = PROFILES['paper'].with_(
     name='paper-dry', base='paper', epochs=1, step2_epochs=1, batch_size=2, max_train=2, max_eval=2, frame_size=32,
-    spec_frames=64, description="the paper code path with budgets cut to a step or two, on generated data: the test suite's dry run")
+    spec_frames=32, description="the paper code path with budgets cut to a step or two, on generated data: the test suite's dry run")
 
 # %% ../nbs/00_core.ipynb #62f95dac
 def get_profile(profile: str | Profile) -> Profile:

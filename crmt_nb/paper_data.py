@@ -20,8 +20,8 @@ __all__ = ['FFMPEG_PATTERN', 'AUDIO_MEAN', 'AUDIO_STD', 'AUDIO_FRAMES', 'N_MELS'
            'FLOW_MEAN', 'FLOW_STD', 'PAPER_DATASETS', 'LAYOUT', 'CIFAR_LAYOUT', 'CHECKS', 'CIFAR_FILES', 'frame_name',
            'frame_numbers', 'count_frames', 'PaperDataset', 'PaperDataError', 'missing_data', 'dataset_root',
            'read_list', 'ClipError', 'select_frames', 'read_jpeg', 'write_jpeg', 'check_spectrogram',
-           'load_spectrogram', 'rrc_params', 'augment_frames', 'make_fixture', 'jpeg_intact', 'ClipDataset',
-           'clip_splits', 'ImageDataset', 'read_cifar_batch', 'cifar10_splits', 'paper_splits']
+           'load_spectrogram', 'rrc_params', 'augment_frames', 'make_fixture', 'make_fixtures', 'jpeg_intact',
+           'ClipDataset', 'clip_splits', 'ImageDataset', 'read_cifar_batch', 'cifar10_splits', 'paper_splits']
 
 # %% ../nbs/01b_paper_data.ipynb #031df997
 FFMPEG_PATTERN = '%06d.jpg'                       # what `ffmpeg ... dst/%06d.jpg` writes: 000001.jpg, 000002.jpg, ...
@@ -254,8 +254,9 @@ def _write_cifar(d: Path, n: int, K: int, g) -> None:
     with open(f / 'batches.meta', 'wb') as fh: pickle.dump({'label_names': [f'class{k}' for k in range(10)]}, fh, protocol=2)
 
 def make_fixture(root: str | Path, name: str = 'ks', n_clips: int = 4, n_frames: int = 10, hw=(36, 48),
-                 n_classes: int | None = None, seed: int = 0) -> Path:
-    "Write a tiny random dataset in the layout under `root/<folder>` (for tests and demos; cifar10: `n_clips` images a batch)."
+                 n_classes: int | None = None, seed: int = 0, classes_file: bool = False) -> Path:
+    """Write a tiny random dataset in the layout under `root/<folder>` (for tests and demos; cifar10: `n_clips` images a
+    batch). Labels cycle through `n_classes`; `classes_file`: write `classes.txt`, so the models have `n_classes` outputs."""
     s = _spec(name); g = torch.Generator().manual_seed(seed)
     K = n_classes or s.n_classes
     d = Path(root) / s.folder
@@ -266,7 +267,13 @@ def make_fixture(root: str | Path, name: str = 'ks', n_clips: int = 4, n_frames:
     half = max(1, n_clips // 2)
     for split, part in (('train', ids[:half]), ('test', ids[half:] or ids[:1])):
         (d / 'lists' / f'{split}.txt').write_text(''.join(f'{c} {i % K}\n' for i, c in enumerate(part)))
+    if classes_file: (d / 'classes.txt').write_text(''.join(f'class{k}\n' for k in range(K)))
     return d
+
+def make_fixtures(root: str | Path, n_clips: int = 24, n_frames: int = 10, n_classes: int = 2, seed: int = 0) -> dict[str, Path]:
+    "A data root with a fixture of every paper dataset: `n_classes` classes (CIFAR-10: 10), a holdout validation clip per class."
+    return {n: make_fixture(root, n, n_clips if n != 'cifar10' else 20, n_frames, n_classes=n_classes if n != 'cifar10' else 10,
+                            seed=seed + k, classes_file=True) for k, n in enumerate(PAPER_DATASETS)}
 
 # %% ../nbs/01b_paper_data.ipynb #23468964
 def _check_frames(root: Path, cid: str) -> int:
