@@ -17,7 +17,7 @@ from .data import DataSplits, stratified_split
 
 # %% auto #0
 __all__ = ['FFMPEG_PATTERN', 'AUDIO_MEAN', 'AUDIO_STD', 'AUDIO_FRAMES', 'N_MELS', 'FLOW_BOUND', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'FLOW_MEAN', 'FLOW_STD', 'PAPER_DATASETS', 'LAYOUT', 'CIFAR_LAYOUT', 'CHECKS', 'CIFAR_FILES', 'frame_name',
+           'FLOW_MEAN', 'FLOW_STD', 'PAPER_DATASETS', 'LAYOUT', 'CIFAR_LAYOUT', 'CIFAR_FILES', 'CHECKS', 'frame_name',
            'frame_numbers', 'count_frames', 'PaperDataset', 'PaperDataError', 'missing_data', 'dataset_root',
            'read_list', 'ClipError', 'select_frames', 'read_jpeg', 'write_jpeg', 'check_spectrogram',
            'load_spectrogram', 'rrc_params', 'augment_frames', 'make_fixture', 'make_fixtures', 'jpeg_intact',
@@ -85,6 +85,8 @@ LAYOUT = """<data_root>/<dataset>/
     flow/<clip_id>/u/000001.jpg, flow/<clip_id>/v/000001.jpg   (ucf101)"""
 CIFAR_LAYOUT = """<data_root>/cifar10/cifar-10-batches-py/   (or <data_root>/cifar-10-batches-py/)
     data_batch_1 ... data_batch_5  test_batch  batches.meta   the python version of CIFAR-10, as torchvision writes it"""
+
+CIFAR_FILES = tuple(f'data_batch_{i}' for i in range(1, 6)) + ('test_batch',)
 
 class PaperDataError(FileNotFoundError):
     "A paper dataset's folder, list or modality folder is missing: the message names the layout and the command."
@@ -533,8 +535,6 @@ ImageDataset.loader = ClipDataset.loader
 def __repr__(self: ImageDataset): return f'ImageDataset({self.spec_name}, n={len(self)}, train={self.train}, image{list(self.shapes[0])})'
 
 # %% ../nbs/01b_paper_data.ipynb #5ace1d6c
-CIFAR_FILES = tuple(f'data_batch_{i}' for i in range(1, 6)) + ('test_batch',)
-
 class _CifarUnpickler(pickle.Unpickler):
     "Unpickles CIFAR-10's python batches and nothing else: dicts, lists, bytes and numpy arrays (no other class loads)."
     ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),

@@ -4,7 +4,7 @@ encoders, the paper's attack protocol — with the budgets cut to a step or two)
 layout (`make_fixtures`). The same batch is interrupted by a broken clip and resumed without retraining; the CUDA
 code paths (bf16 autocast, channels-last, pinned memory, non-blocking copies) run on the CPU; and a `gpu` test
 runs the dry run on CUDA where there is one."""
-import json, os, subprocess, sys, time, warnings
+import json, os, shutil, subprocess, sys, time, warnings
 from pathlib import Path
 import pandas as pd, pytest, torch
 import fastcore.test as fct
@@ -65,7 +65,14 @@ def dry_run(data_root, tmp_path_factory):
     models = _models(cwd / 'runs' / 'dry')
     for p, b in saved.items(): p.write_bytes(b)
     second = _reproduce(cwd, *args); t2 = time.perf_counter()
-    return dict(out=cwd / 'runs' / 'dry', first=first, second=second, cid=cid, models=models, seconds=(t1 - t0, t2 - t1))
+    yield dict(out=cwd / 'runs' / 'dry', first=first, second=second, cid=cid, models=models, seconds=(t1 - t0, t2 - t1))
+    shutil.rmtree(cwd / 'runs' / 'dry' / 'models', ignore_errors=True)     # ~2 GB of ResNet-18 checkpoints
+
+@pytest.fixture
+def scratch(tmp_path):
+    "`tmp_path`, removed after the test (paper-dry checkpoints are ~90 MB each; pytest keeps old tmp folders)."
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 def test_every_notebook_runs_on_the_paper_code_path(dry_run):
     out, r = dry_run['out'], dry_run['second']
@@ -132,28 +139,28 @@ def test_cuda_paths_layout_pinning_and_copies(cuda_paths_on_cpu, data_root):
     with autocast('cpu'): fct.test_eq((torch.ones(2, 2) @ torch.ones(2, 2)).dtype, torch.bfloat16)
 
 @pytest.mark.parametrize('method', ['JT', 'MMAT', 'CRMT-JT'])
-def test_cuda_paths_train_and_attack(cuda_paths_on_cpu, data_root, tmp_path, method):
+def test_cuda_paths_train_and_attack(cuda_paths_on_cpu, data_root, scratch, method):
     "One paper-dry model trained under CPU bf16 autocast, channels-last and pinned loaders, then attacked (paper protocol)."
     sp = experiment_data('paper-dry', 'ucf101' if method == 'CRMT-JT' else 'ks', data_root)
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*pin_memory.*')
-        t = get_or_train(sp, method, train_config('paper-dry', method), 0, profile='paper-dry', device='cpu', root=tmp_path, progress=False)
+        t = get_or_train(sp, method, train_config('paper-dry', method), 0, profile='paper-dry', device='cpu', root=scratch, progress=False)
     assert t.history['loss'].notna().all() and len(t.history)
     r = evaluate(t.predictor, sp.test.head(2), paper_protocol(sp.names), device='cpu')
     assert r['value'].between(0, 1).all() and len(r) == len(paper_protocol(sp.names))
 
-def test_cuda_paths_notebook_end_to_end(data_root, tmp_path):
+def test_cuda_paths_notebook_end_to_end(data_root, scratch):
     "The cheapest paper-dry experiment of the registry, with every CUDA path taken on the CPU."
     name = 'crmt_fig5_ablation' if 'crmt_fig5_ablation' in EXPERIMENTS else next(iter(EXPERIMENTS))
-    r = _reproduce(tmp_path, '--profile', 'paper-dry', '--data-root', data_root, '--out', 'runs/cp', '--only', name,
+    r = _reproduce(scratch, '--profile', 'paper-dry', '--data-root', data_root, '--out', 'runs/cp', '--only', name,
                    '--no-progress', env={CUDA_PATHS_ENV: '1'})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 # ---------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
-def test_dry_run_on_cuda(data_root, tmp_path):
+def test_dry_run_on_cuda(data_root, scratch):
     "The whole registry under paper-dry on CUDA (skipped without a GPU): what the CPU cannot show."
-    r = _reproduce(tmp_path, '--profile', 'paper-dry', '--data-root', data_root, '--out', 'runs/gpu', '--device', 'cuda',
+    r = _reproduce(scratch, '--profile', 'paper-dry', '--data-root', data_root, '--out', 'runs/gpu', '--device', 'cuda',
                    '--workers', '1', '--no-progress')
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert not _lines(r, '[FAIL]')
