@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #94f5a5a8
 from __future__ import annotations
-import os, json, random, hashlib, fcntl, tempfile, contextlib, dataclasses, time, importlib.util
+import os, json, random, hashlib, fcntl, tempfile, contextlib, dataclasses, time, importlib.util, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['PROFILES', 'get_device', 'autocast', 'to_device', 'num_threads', 'eval_mode', 'seed_everything', 'Profile',
-           'get_profile', 'project_root', 'run_dir', 'atomic_path', 'remove_stale_tmp', 'save_torch', 'load_torch',
-           'content_hash', 'library_hash', 'file_lock', 'ModelCache']
+__all__ = ['CUDA_PATHS_ENV', 'PROFILES', 'get_device', 'cuda_paths', 'autocast', 'to_device', 'num_threads', 'eval_mode',
+           'seed_everything', 'Profile', 'get_profile', 'project_root', 'run_dir', 'atomic_path', 'remove_stale_tmp',
+           'save_torch', 'load_torch', 'content_hash', 'library_hash', 'file_lock', 'ModelCache']
 
 # %% ../nbs/00_core.ipynb #b4728a5e
 def get_device(device: str | torch.device | None = 'auto') -> torch.device:
@@ -26,16 +26,22 @@ def get_device(device: str | torch.device | None = 'auto') -> torch.device:
     return dev
 
 # %% ../nbs/00_core.ipynb #72084239
+CUDA_PATHS_ENV = 'CRMT_NB_CUDA_PATHS'
+
+def cuda_paths(device: torch.device | str) -> bool:
+    "True on CUDA, and on the CPU when `$CRMT_NB_CUDA_PATHS` is '1': bf16 autocast, channels-last, pinned, non-blocking."
+    return torch.device(device).type == 'cuda' or os.environ.get(CUDA_PATHS_ENV) == '1'
+
 def autocast(device: torch.device | str, enabled: bool = True):
-    "bf16 autocast on CUDA, a no-op context on the CPU."
+    "bf16 autocast on the CUDA paths (`cuda_paths`; on the CPU: CPU autocast), else a no-op context."
     device = torch.device(device)
-    if enabled and device.type == 'cuda': return torch.autocast('cuda', dtype=torch.bfloat16)
+    if enabled and cuda_paths(device): return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 def to_device(batch, device: torch.device | str):
-    "Move a batch `(xs, y)` (or any nesting of tuples/lists of tensors) to `device`, non-blocking."
+    "Move a batch `(xs, y)` (or any nesting of tuples/lists of tensors) to `device`, non-blocking on the CUDA paths."
     device = torch.device(device)
-    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=device.type == 'cuda')
+    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=cuda_paths(device))
     if isinstance(batch, (tuple, list)): return type(batch)(to_device(b, device) for b in batch)
     return batch
 
@@ -91,8 +97,13 @@ class Profile:
     a_init: float = 0.1            # initial integration weights a^(m) of the orth head (the authors' code: 0.1)
     attack_steps: int = 4          # the paper's PGD protocol: 4 steps, alpha = eps/3
     description: str = ''
+    base: str | None = None        # a cut-down profile: the profile it derives from (None: none)
+    frame_size: int = 224          # paper clip datasets: frames resized to frame_size x frame_size (the paper: 224)
+    spec_frames: int = 1024        # paper audio: the first spec_frames time frames of each spectrogram (the paper: 1024)
     @property
     def at_eps(self) -> float: return self.multi_eps / 5    # AT radius: the paper's ratio, 0.1 for evaluation at 0.5
+    @property
+    def family(self) -> str: return self.base or self.name   # whose per-profile defaults a notebook uses
     def with_(self, **kw) -> 'Profile': return dataclasses.replace(self, **kw)
     def asdict(self) -> dict: return dataclasses.asdict(self)
 
@@ -107,6 +118,9 @@ PROFILES: dict[str, Profile] = {
                      weight_decay=1e-4, lr_step=60, max_train=None, max_eval=None, seeds=(2024,),
                      description="the papers' datasets and hyper-parameters, on a GPU"),
 }
+PROFILES['paper-dry'] = PROFILES['paper'].with_(
+    name='paper-dry', base='paper', epochs=1, step2_epochs=1, batch_size=2, max_train=2, max_eval=2, frame_size=32,
+    spec_frames=32, description="the paper code path with budgets cut to a step or two, on generated data: the test suite's dry run")
 
 # %% ../nbs/00_core.ipynb #62f95dac
 def get_profile(profile: str | Profile) -> Profile:
@@ -205,6 +219,16 @@ def file_lock(path: str | Path):
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/00_core.ipynb #b86ff678
+def _cached(p: Path) -> dict | None:
+    "The checkpoint at `p`, or None if there is none; an unreadable one (truncated, corrupt) is set aside with a warning."
+    if not p.exists(): return None
+    try: return load_torch(p)
+    except Exception as e:
+        bad = p.with_name(p.name + '.corrupt'); os.replace(p, bad)
+        warnings.warn(f'the cached model {p} is unreadable ({type(e).__name__}: {str(e).strip()[:200]}): it was moved '
+                      f'to {bad.name} and will be retrained', stacklevel=3)
+        return None
+
 class ModelCache:
     "Checkpoints keyed by (dataset, method, config hash, seed) under `root`."
     def __init__(self, root: str | Path): self.root = Path(root)
@@ -213,11 +237,11 @@ class ModelCache:
             if not v or '/' in v: raise ValueError(f'{name} must be a non-empty name without "/", got {v!r}')
         return self.root / dataset / method / f'{content_hash(config)}-seed{int(seed)}.pt'
     def get_or_train(self, dataset: str, method: str, config: dict, seed: int, train: Callable[[], dict]) -> dict:
-        "Load the checkpoint if cached, else call `train()` (which returns a checkpoint dict) once and save it."
+        "Load the checkpoint if cached (an unreadable one is retrained), else call `train()` (a checkpoint dict) once and save it."
         p = self.path(dataset, method, config, seed)
-        if p.exists(): return load_torch(p)
+        if (ck := _cached(p)) is not None: return ck
         with file_lock(p.with_suffix('.lock')):
-            if p.exists(): return load_torch(p)   # trained by another process while we waited
+            if (ck := _cached(p)) is not None: return ck   # trained by another process while we waited
             remove_stale_tmp(p.parent, p.stem); remove_stale_tmp(p.with_suffix('.ckpt'))   # a killed trainer's leftovers
             ckpt = train()
             if not isinstance(ckpt, dict): raise TypeError('train() must return a checkpoint dict')

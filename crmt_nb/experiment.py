@@ -16,6 +16,7 @@ from . import data
 from .paper_data import paper_splits
 from .train import fit, loaders, Trained
 from .methods import METHODS, build_model
+from .paper_models import PAPER_DATASETS as PAPER_MODELS
 from .reproduce import RESULT_COLUMNS, EXPERIMENTS, experiments_dir, save_results, save_figure, save_summary
 
 # %% auto #0
@@ -42,7 +43,9 @@ def experiment_data(profile, dataset: str, data_root=None, on_error: str = 'rais
     if get_profile(profile).data != 'paper': return load_dataset(dataset)
     if not data_root: raise ValueError("the paper profile needs data_root: the folder holding the paper's "
                                       "datasets (see crmt_nb.paper_data, e.g. <data_root>/ks/lists/train.txt)")
-    return paper_splits(dataset, data_root, on_error=on_error)
+    p = get_profile(profile)                          # paper-dry: smaller frames and spectrograms, the same code
+    clip = {} if dataset == 'cifar10' else dict(on_error=on_error, size=p.frame_size, spec_frames=p.spec_frames)
+    return paper_splits(dataset, data_root, **clip)
 
 # %% ../nbs/08a_experiment.ipynb #dc60c339
 MODEL_KINDS = ('small', 'resnet18', 'mmt')
@@ -309,7 +312,8 @@ class Run:
 @patch_to(Run)
 def config(self, method: str, overrides: dict | None = None) -> dict:
     "`train_config` of `method` under the run's profile, with the notebook's `train_overrides`, then `overrides`."
-    return train_config(self.profile, method, **{**(getattr(self.p, 'train_overrides', None) or {}), **(overrides or {})})
+    kind = {} if self.splits.name in PAPER_MODELS else {'model': 'small'}   # built-in data: small models on any profile
+    return train_config(self.profile, method, **{**kind, **(getattr(self.p, 'train_overrides', None) or {}), **(overrides or {})})
 
 @patch_to(Run)
 def trained(self, method: str, seed: int, overrides: dict | None = None, progress: bool = True,

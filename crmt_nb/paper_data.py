@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_paper_data.ipynb #192a3cd5
 from __future__ import annotations
-import os, re, math, warnings
+import os, re, math, pickle, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,11 +17,11 @@ from .data import DataSplits, stratified_split
 
 # %% auto #0
 __all__ = ['FFMPEG_PATTERN', 'AUDIO_MEAN', 'AUDIO_STD', 'AUDIO_FRAMES', 'N_MELS', 'FLOW_BOUND', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'FLOW_MEAN', 'FLOW_STD', 'PAPER_DATASETS', 'LAYOUT', 'CIFAR_LAYOUT', 'frame_name', 'frame_numbers',
-           'count_frames', 'PaperDataset', 'PaperDataError', 'missing_data', 'dataset_root', 'read_list', 'ClipError',
-           'select_frames', 'read_jpeg', 'write_jpeg', 'check_spectrogram', 'load_spectrogram', 'rrc_params',
-           'augment_frames', 'make_fixture', 'ClipDataset', 'clip_splits', 'ImageDataset', 'cifar10_splits',
-           'paper_splits']
+           'FLOW_MEAN', 'FLOW_STD', 'PAPER_DATASETS', 'LAYOUT', 'CIFAR_LAYOUT', 'CIFAR_FILES', 'CHECKS', 'frame_name',
+           'frame_numbers', 'count_frames', 'PaperDataset', 'PaperDataError', 'missing_data', 'dataset_root',
+           'read_list', 'ClipError', 'select_frames', 'read_jpeg', 'write_jpeg', 'check_spectrogram',
+           'load_spectrogram', 'rrc_params', 'augment_frames', 'make_fixture', 'make_fixtures', 'jpeg_intact',
+           'ClipDataset', 'clip_splits', 'ImageDataset', 'read_cifar_batch', 'cifar10_splits', 'paper_splits']
 
 # %% ../nbs/01b_paper_data.ipynb #031df997
 FFMPEG_PATTERN = '%06d.jpg'                       # what `ffmpeg ... dst/%06d.jpg` writes: 000001.jpg, 000002.jpg, ...
@@ -85,6 +85,8 @@ LAYOUT = """<data_root>/<dataset>/
     flow/<clip_id>/u/000001.jpg, flow/<clip_id>/v/000001.jpg   (ucf101)"""
 CIFAR_LAYOUT = """<data_root>/cifar10/cifar-10-batches-py/   (or <data_root>/cifar-10-batches-py/)
     data_batch_1 ... data_batch_5  test_batch  batches.meta   the python version of CIFAR-10, as torchvision writes it"""
+
+CIFAR_FILES = tuple(f'data_batch_{i}' for i in range(1, 6)) + ('test_batch',)
 
 class PaperDataError(FileNotFoundError):
     "A paper dataset's folder, list or modality folder is missing: the message names the layout and the command."
@@ -245,19 +247,35 @@ def _write_clip(d: Path, cid: str, second: str, n_frames: int, hw, g) -> None:
         for c in 'uv': _write_random_frames(d / 'flow' / cid / c, range(1, n_frames), (1, *hw), g)
 
 # %% ../nbs/01b_paper_data.ipynb #eadf9f71
+def _write_cifar(d: Path, n: int, K: int, g) -> None:
+    "CIFAR-10's python batches (`n` random images each) and `batches.meta` in `d/cifar-10-batches-py`."
+    f = d / 'cifar-10-batches-py'; f.mkdir(parents=True, exist_ok=True)
+    for name in CIFAR_FILES:
+        data = torch.randint(0, 256, (n, 3072), dtype=torch.uint8, generator=g).numpy()
+        with open(f / name, 'wb') as fh: pickle.dump({'data': data, 'labels': [i % K for i in range(n)]}, fh, protocol=2)
+    with open(f / 'batches.meta', 'wb') as fh: pickle.dump({'label_names': [f'class{k}' for k in range(10)]}, fh, protocol=2)
+
 def make_fixture(root: str | Path, name: str = 'ks', n_clips: int = 4, n_frames: int = 10, hw=(36, 48),
-                 n_classes: int | None = None, seed: int = 0) -> Path:
-    "Write a tiny random dataset in the layout under `root/<folder>` (for tests and demos); returns that folder."
+                 n_classes: int | None = None, seed: int = 0, classes_file: bool = False) -> Path:
+    """Write a tiny random dataset in the layout under `root/<folder>` (for tests and demos; cifar10: `n_clips` images a
+    batch). Labels cycle through `n_classes`; `classes_file`: write `classes.txt`, so the models have `n_classes` outputs."""
     s = _spec(name); g = torch.Generator().manual_seed(seed)
     K = n_classes or s.n_classes
     d = Path(root) / s.folder
+    if s.name == 'cifar10': _write_cifar(d, n_clips, K, g); return d
     ids = [f'clip{i:03d}' for i in range(n_clips)]
     for cid in ids: _write_clip(d, cid, s.modalities[1], n_frames, hw, g)
     (d / 'lists').mkdir(exist_ok=True)
     half = max(1, n_clips // 2)
     for split, part in (('train', ids[:half]), ('test', ids[half:] or ids[:1])):
         (d / 'lists' / f'{split}.txt').write_text(''.join(f'{c} {i % K}\n' for i, c in enumerate(part)))
+    if classes_file: (d / 'classes.txt').write_text(''.join(f'class{k}\n' for k in range(K)))
     return d
+
+def make_fixtures(root: str | Path, n_clips: int = 24, n_frames: int = 10, n_classes: int = 2, seed: int = 0) -> dict[str, Path]:
+    "A data root with a fixture of every paper dataset: `n_classes` classes (CIFAR-10: 10), a holdout validation clip per class."
+    return {n: make_fixture(root, n, n_clips if n != 'cifar10' else 20, n_frames, n_classes=n_classes if n != 'cifar10' else 10,
+                            seed=seed + k, classes_file=True) for k, n in enumerate(PAPER_DATASETS)}
 
 # %% ../nbs/01b_paper_data.ipynb #23468964
 def _check_frames(root: Path, cid: str) -> int:
@@ -283,22 +301,43 @@ def _decode_clip(root: Path, cid: str, second: str, n: int, nf: int) -> None:
         for t in range(1, nf + 1):
             for c in 'uv': read_jpeg(root / 'flow' / cid / c / frame_name(t), cid, grey=True)
 
+# %% ../nbs/01b_paper_data.ipynb #923b6994
+def jpeg_intact(path: Path, clip_id: str) -> None:
+    "`ClipError` unless `path` starts with the JPEG start-of-image marker FF D8 and ends with end-of-image FF D9."
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(2); f.seek(max(0, os.fstat(f.fileno()).st_size - 16)); tail = f.read()
+    except OSError as e: raise ClipError(clip_id, f'frame {path} is unreadable ({type(e).__name__}: {e})') from None
+    if head != b'\xff\xd8': raise ClipError(clip_id, f'corrupt JPEG {path}: no start-of-image marker')
+    if b'\xff\xd9' not in tail: raise ClipError(clip_id, f'corrupt JPEG {path}: cut off (no end-of-image marker)')
+
+def _content_clip(root: Path, cid: str, second: str, n: int, nf: int) -> None:
+    "Every frame's JPEG markers and the spectrogram's values (no decoding): what a cut-off copy or a NaN breaks."
+    for t in range(1, n + 1): jpeg_intact(root / 'frames' / cid / frame_name(t), cid)
+    if second == 'audio': load_spectrogram(root / 'audio' / f'{cid}.npy', cid)
+    else:
+        for t in range(1, nf + 1):
+            for c in 'uv': jpeg_intact(root / 'flow' / cid / c / frame_name(t), cid)
+
 # %% ../nbs/01b_paper_data.ipynb #7b24693a
-def _check_clip(root: Path, cid: str, second: str, full: bool = False) -> tuple[int, int]:
-    "(n_rgb, n_flow) of clip `cid` (n_flow = 0 with audio) after the cheap checks; `full`: decode everything too."
+CHECKS = ('files', 'content', 'full')
+
+def _check_clip(root: Path, cid: str, second: str, check: str = 'files') -> tuple[int, int]:
+    "(n_rgb, n_flow) of clip `cid` (n_flow = 0 with audio) after the checks of level `check` (one of `CHECKS`)."
     n, nf = _check_frames(root, cid), 0
     if second == 'audio': check_spectrogram(root / 'audio' / f'{cid}.npy', cid)
     else: nf = _check_flow(root, cid)
-    if full: _decode_clip(root, cid, second, n, nf)
+    if check == 'full': _decode_clip(root, cid, second, n, nf)      # a decoder error names the frame first
+    if check in ('content', 'full'): _content_clip(root, cid, second, n, nf)
     return n, nf
 
 # %% ../nbs/01b_paper_data.ipynb #cff0e2b3
-def _scan_clips(root: Path, entries, second: str, full: bool) -> tuple[list, dict]:
+def _scan_clips(root: Path, entries, second: str, check: str = 'files') -> tuple[list, dict]:
     "Check every clip of `entries`: ([(clip_id, label, n_rgb, n_flow)] of the usable ones, {clip_id: reason} of the others)."
     ok, skipped = [], {}
     for cid, lab in entries:
         try:
-            n_rgb, n_flow = _check_clip(root, cid, second, full)
+            n_rgb, n_flow = _check_clip(root, cid, second, check)
             ok.append((cid, int(lab), n_rgb, n_flow))
         except ClipError as e: skipped[cid] = e.reason
     return ok, skipped
@@ -314,7 +353,7 @@ def _report_unusable(name: str, skipped: dict, n: int, on_error: str) -> None:
 # %% ../nbs/01b_paper_data.ipynb #fbd5d0e4
 def _clip_spec(name: str, on_error: str, check: str) -> PaperDataset:
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if check not in ('files', 'full'): raise ValueError(f"check must be 'files' or 'full', got {check!r}")
+    if check not in CHECKS: raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     s = _spec(name)
     if s.name == 'cifar10': raise ValueError('cifar10 is not a clip dataset: use cifar10_splits')
     return s
@@ -324,15 +363,17 @@ class ClipDataset(Dataset):
     "Clips of one split list of a paper dataset; items `((x_visual, x_audio|x_flow), label)`."
     def __init__(self, name: str, root: str | Path, entries: Sequence[tuple[str, int]], train: bool = False,
                  on_error: str = 'raise', clip_consistent: bool = False, official: bool = False, size: int = 224,
-                 check: str = 'files', generator: torch.Generator | None = None, n_classes: int | None = None):
+                 check: str = 'files', generator: torch.Generator | None = None, n_classes: int | None = None,
+                 spec_frames: int = AUDIO_FRAMES):
         s = self.spec = _clip_spec(name, on_error, check)
         self.root, self.train, self.on_error, self._k = Path(root), train, on_error, n_classes or s.n_classes
         self.clip_consistent, self.official, self.size, self.generator = clip_consistent, official, size, generator
-        self.names = s.modalities
+        if not 1 <= spec_frames <= AUDIO_FRAMES: raise ValueError(f'spec_frames must be in 1..{AUDIO_FRAMES}, got {spec_frames}')
+        self.names, self.spec_frames = s.modalities, int(spec_frames)
         self.boxes = ((0.0, 1.0), None) if s.modalities[1] == 'audio' else ((0.0, 1.0), (0.0, 1.0))
         for sub in ('frames', 'audio' if s.modalities[1] == 'audio' else 'flow'):
             if not (self.root / sub).is_dir(): raise missing_data(s.name, self.root / sub, 'does not exist')
-        ok, self.skipped = _scan_clips(self.root, entries, self.names[1], check == 'full')
+        ok, self.skipped = _scan_clips(self.root, entries, self.names[1], check)
         self.ids, self.labels, self.n_rgb, self.n_flow = [list(v) for v in zip(*ok)] if ok else ([], [], [], [])
         if self.skipped: _report_unusable(s.name, self.skipped, len(entries), on_error)
     def __len__(self): return len(self.ids)
@@ -343,7 +384,7 @@ def n_classes(self: ClipDataset): return self._k
 @patch(as_prop=True)
 def shapes(self: ClipDataset):
     s = self.size
-    return ((3, 3, s, s), (1, AUDIO_FRAMES, N_MELS) if self.names[1] == 'audio' else (2, 3, s, s))
+    return ((3, 3, s, s), (1, self.spec_frames, N_MELS) if self.names[1] == 'audio' else (2, 3, s, s))
 @patch(as_prop=True)
 def y(self: ClipDataset): return torch.tensor(self.labels, dtype=torch.long)
 
@@ -368,7 +409,7 @@ def load(self: ClipDataset, i: int):
     aug = dict(train=self.train, size=self.size, clip_consistent=self.clip_consistent, generator=g)
     rgb = _read_rgb(self.root, cid, _rgb_frames(self.n_rgb[i], self.train, g, self.official, ucf))
     xv = augment_frames(rgb, crop=not ucf, **aug)
-    if not ucf: return (xv, load_spectrogram(self.root / 'audio' / f'{cid}.npy', cid)), self.labels[i]
+    if not ucf: return (xv, load_spectrogram(self.root / 'audio' / f'{cid}.npy', cid)[:, :self.spec_frames]), self.labels[i]
     fl = _read_flow(self.root, cid, select_frames(self.n_flow[i], self.train, g))
     return (xv, augment_frames(fl, crop=False, flow_u=None if self.official else 0, **aug)), self.labels[i]
 
@@ -435,13 +476,14 @@ def _read_lists(name: str, root: Path, val: str, k: int) -> dict:
 # %% ../nbs/01b_paper_data.ipynb #3a00e474
 def clip_splits(name: str, data_root, val: str = 'holdout', val_fraction: float = 0.1, seed: int = 0,
                 on_error: str = 'raise', clip_consistent: bool = False, official: bool = False, size: int = 224,
-                check: str = 'files') -> DataSplits:
+                check: str = 'files', spec_frames: int = AUDIO_FRAMES) -> DataSplits:
     "train/valid/test `ClipDataset`s of `name` under `data_root` (see `paper_splits`)."
     s = _spec(name); root = dataset_root(name, data_root)
     k = _n_classes(root, s)
     if val not in ('holdout', 'list', 'test'): raise ValueError(f"val must be 'holdout', 'list' or 'test', got {val!r}")
     lists = _read_lists(name, root, val, k)
-    kw = dict(on_error=on_error, clip_consistent=clip_consistent, official=official, size=size, check=check, n_classes=k)
+    kw = dict(on_error=on_error, clip_consistent=clip_consistent, official=official, size=size, check=check, n_classes=k,
+              spec_frames=spec_frames)
     train = ClipDataset(name, root, lists['train'], train=True, **kw)
     test = ClipDataset(name, root, lists['test'], train=False, **kw)
     if val == 'test': valid = test
@@ -492,24 +534,42 @@ ImageDataset.loader = ClipDataset.loader
 @patch
 def __repr__(self: ImageDataset): return f'ImageDataset({self.spec_name}, n={len(self)}, train={self.train}, image{list(self.shapes[0])})'
 
+# %% ../nbs/01b_paper_data.ipynb #5ace1d6c
+class _CifarUnpickler(pickle.Unpickler):
+    "Unpickles CIFAR-10's python batches and nothing else: dicts, lists, bytes and numpy arrays (no other class loads)."
+    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}   # bytes in protocol 2
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED: raise pickle.UnpicklingError(f'{module}.{name} is not allowed in a CIFAR-10 batch')
+        if module == 'numpy.core.multiarray': module = 'numpy._core.multiarray' if hasattr(np, '_core') else module
+        return super().find_class(module, name)
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    "(uint8 (N, 32, 32, 3), labels) of one CIFAR-10 python batch (`{'data': (N, 3072) uint8, 'labels': [...]}`), checked."
+    try:
+        with open(path, 'rb') as f: d = _CifarUnpickler(f, encoding='latin1').load()
+        data, labels = np.asarray(d['data']), [int(v) for v in d['labels']]
+    except Exception as e: raise missing_data('cifar10', path, f'is unreadable ({type(e).__name__}: {e})') from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or not all(0 <= v < 10 for v in labels):
+        raise missing_data('cifar10', path, f'is not a CIFAR-10 batch (data {data.dtype}{list(data.shape)}, {len(labels)} labels)')
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
 # %% ../nbs/01b_paper_data.ipynb #cdd7e53f
 def cifar10_splits(data_root, val: str = 'holdout', val_fraction: float = 0.1, seed: int = 0) -> DataSplits:
-    "CIFAR-10 from `data_root` (`cifar-10-batches-py` in it or in `data_root/cifar10`) via torchvision, no download."
-    import torchvision
+    "CIFAR-10 from `data_root` (`cifar-10-batches-py` in it or in `data_root/cifar10`), torchvision's python batches."
     if val not in ('holdout', 'test'): raise ValueError(f"val must be 'holdout' or 'test' for cifar10, got {val!r}")
     if data_root is None: raise missing_data('cifar10', 'data_root', 'was not given (pass data_root=...)')
     root = Path(data_root).expanduser()
     if (root / 'cifar10' / 'cifar-10-batches-py').is_dir(): root = root / 'cifar10'
-    try:
-        tr = torchvision.datasets.CIFAR10(str(root), train=True, download=False)
-        te = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
-    except RuntimeError as e:
-        raise missing_data('cifar10', root / 'cifar-10-batches-py', f'is missing or incomplete (torchvision: {e})') from None
-    train = ImageDataset(tr.data, tr.targets, train=True)
-    test = ImageDataset(te.data, te.targets, train=False)
+    folder = root / 'cifar-10-batches-py'
+    if absent := [f for f in CIFAR_FILES if not (folder / f).is_file()]:
+        raise missing_data('cifar10', folder, f'is missing or incomplete (no {", ".join(absent)}; it needs {", ".join(CIFAR_FILES)})')
+    parts = [read_cifar_batch(folder / f) for f in CIFAR_FILES]
+    train = ImageDataset(np.concatenate([d for d, _ in parts[:5]]), sum((l for _, l in parts[:5]), []), train=True)
+    test = ImageDataset(*parts[5], train=False)
     if val == 'test': valid = test
     else:
-        a, b = stratified_split(torch.tensor(tr.targets), (1 - val_fraction, val_fraction), seed)
+        a, b = stratified_split(train.y, (1 - val_fraction, val_fraction), seed)
         train, valid = train.subset(a.sort().values.numpy()), train.subset(b.sort().values.numpy(), train=False)
     return DataSplits('cifar10', train, valid, test)
 

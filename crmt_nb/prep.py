@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
-import numpy as np, torch
+import numpy as np, torch, imageio_ffmpeg
 from tqdm.auto import tqdm
 from .core import atomic_path
 from .paper_data import (FFMPEG_PATTERN, frame_name, count_frames, check_spectrogram, read_jpeg, write_jpeg, read_list,
-                                ClipError, AUDIO_MEAN, AUDIO_STD, AUDIO_FRAMES, N_MELS, FLOW_BOUND, clip_splits)
+                                ClipError, AUDIO_MEAN, AUDIO_STD, AUDIO_FRAMES, N_MELS, FLOW_BOUND, clip_splits,
+                                make_fixtures)
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'OPENCV_HINT', 'PrepSummary', 'run_clips', 'require_ffmpeg', 'find_clips', 'extract_frames',
@@ -67,13 +68,11 @@ def _replace_dir(tmp: Path, dst: Path):
 VIDEO_EXTS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.flv', '.m4v', '.mpg', '.mpeg')
 
 def require_ffmpeg() -> str:
-    "Path of the `ffmpeg` binary, or an error saying how to install it."
-    exe = shutil.which('ffmpeg')
-    if exe is None:
-        raise RuntimeError('ffmpeg was not found on PATH; it is needed to extract frames and audio from videos. '
-                           'Install it: `apt-get install ffmpeg` (Debian/Ubuntu), `conda install -c conda-forge ffmpeg`, '
-                           'or `brew install ffmpeg` (macOS).')
-    return exe
+    "Path of the ffmpeg binary of `imageio-ffmpeg` (its wheel ships one), or an error saying how to get it."
+    try: return imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as e:
+        raise RuntimeError(f'no ffmpeg binary ({e}). imageio-ffmpeg ships one in its wheels for Linux, macOS and Windows: '
+                           '`pip install --force-reinstall imageio-ffmpeg`, or set IMAGEIO_FFMPEG_EXE to an ffmpeg.') from None
 
 # %% ../nbs/01c_prep.ipynb #1959aca5
 def find_clips(folder: str | Path, exts: Sequence[str] = VIDEO_EXTS) -> dict[str, Path]:
@@ -101,7 +100,7 @@ def extract_frames(video: str | Path, out_dir: str | Path, fps: float = 1.0) -> 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', suffix='.tmp', dir=out_dir.parent))
     try:
-        _ffmpeg(['-i', video] + (['-r', fps] if fps else []) + [tmp / FFMPEG_PATTERN], video)
+        _ffmpeg(['-i', video] + (['-vf', f'fps={fps:g}'] if fps else []) + [tmp / FFMPEG_PATTERN], video)
         if count_frames(tmp) == 0: raise RuntimeError(f'ffmpeg decoded no frames from {video}')
         _replace_dir(tmp, out_dir)
     finally:
@@ -121,7 +120,7 @@ def mel_scale(f): return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.flo
 
 # %% ../nbs/01c_prep.ipynb #7ea03e5c
 def mel_banks(n_mels: int, n_fft: int, sr: float, low_freq: float = 20.0, high_freq: float = 0.0) -> torch.Tensor:
-    "Kaldi's triangular mel filters, (n_mels, n_fft//2 + 1), the Nyquist column zero; `high_freq <= 0` is relative to Nyquist."
+    "Kaldi's triangular mel filters, float64 (n_mels, n_fft//2 + 1), the Nyquist column zero; `high_freq <= 0` is relative to Nyquist."
     nyq = 0.5 * sr
     hi = high_freq if high_freq > 0 else nyq + high_freq
     if not 0 <= low_freq < hi <= nyq: raise ValueError(f'need 0 <= low_freq < high_freq <= {nyq}, got {low_freq}, {hi}')
@@ -131,7 +130,7 @@ def mel_banks(n_mels: int, n_fft: int, sr: float, low_freq: float = 20.0, high_f
     left, centre, right = ml + b * delta, ml + (b + 1) * delta, ml + (b + 2) * delta
     m = mel_scale(sr / n_fft * torch.arange(n_fft // 2, dtype=torch.float64)).unsqueeze(0)
     w = torch.minimum((m - left) / (centre - left), (right - m) / (right - centre)).clamp_min(0)
-    return torch.nn.functional.pad(w, (0, 1)).float()
+    return torch.nn.functional.pad(w, (0, 1))
 
 # %% ../nbs/01c_prep.ipynb #d2ce7664
 def _kaldi_frames(x: torch.Tensor, win: int, shift: int, preemph: float, remove_dc: bool) -> torch.Tensor:
@@ -140,14 +139,14 @@ def _kaldi_frames(x: torch.Tensor, win: int, shift: int, preemph: float, remove_
     fr = x.contiguous().as_strided((n, win), (shift, 1))
     if remove_dc: fr = fr - fr.mean(1, keepdim=True)
     if preemph: fr = fr - preemph * torch.cat([fr[:, :1], fr[:, :-1]], 1)
-    return fr * torch.hann_window(win, periodic=False, dtype=torch.float32)
+    return fr * torch.hann_window(win, periodic=False, dtype=fr.dtype)
 
 # %% ../nbs/01c_prep.ipynb #c1620b3d
 def kaldi_fbank(waveform: torch.Tensor, sr: float, n_mels: int = N_MELS, frame_length: float = 25.0,
                 frame_shift: float = 10.0, preemph: float = 0.97, remove_dc: bool = True,
                 low_freq: float = 20.0, high_freq: float = 0.0) -> torch.Tensor:
-    "Log mel filterbank (frames, n_mels) of channel 0, as `torchaudio.compliance.kaldi.fbank` with a hanning window, dither 0."
-    x = torch.as_tensor(waveform, dtype=torch.float32)
+    "Log mel filterbank float32 (frames, n_mels) of channel 0, as `torchaudio.compliance.kaldi.fbank` with a hanning window, dither 0."
+    x = torch.as_tensor(waveform).double()             # float64 inside: low-energy bands exact to 1e-4
     if x.dim() == 2: x = x[0]
     if x.dim() != 1: raise ValueError(f'waveform must be (T,) or (channels, T), got {tuple(waveform.shape)}')
     win, shift = int(sr * frame_length * 0.001), int(sr * frame_shift * 0.001)
@@ -155,7 +154,7 @@ def kaldi_fbank(waveform: torch.Tensor, sr: float, n_mels: int = N_MELS, frame_l
     if len(x) < win: return torch.empty(0, n_mels)
     power = torch.fft.rfft(_kaldi_frames(x, win, shift, preemph, remove_dc), n=n_fft).abs().pow(2)
     mel = power @ mel_banks(n_mels, n_fft, sr, low_freq, high_freq).T
-    return mel.clamp_min(torch.finfo(torch.float32).eps).log()
+    return mel.clamp_min(torch.finfo(torch.float32).eps).log().float()
 
 # %% ../nbs/01c_prep.ipynb #2f3b4ea1
 def spectrogram(waveform: torch.Tensor, sr: float, n_frames: int = AUDIO_FRAMES) -> np.ndarray:
@@ -208,16 +207,19 @@ def write_wav(path: str | Path, x: torch.Tensor, sr: int):
 
 # %% ../nbs/01c_prep.ipynb #45b45f1d
 def _audio_of(src: Path, sr: int) -> tuple[torch.Tensor, int]:
-    "Waveform and rate of a .wav, or of a video's audio as ffmpeg extracts it (mono 16-bit PCM at `sr`)."
-    if src.suffix.lower() == '.wav': return read_wav(src)
+    "Mono waveform of a video's audio or a .wav, as ffmpeg resamples it (16-bit PCM at `sr`), and `sr`."
     with tempfile.TemporaryDirectory() as d:
         wav = Path(d) / 'a.wav'
         _ffmpeg(['-i', src, '-vn', '-ac', 1, '-ar', sr, '-acodec', 'pcm_s16le', wav], src)
-        return read_wav(wav)
+        x, rate = read_wav(wav)
+    if x.numel() == 0 or x.abs().max() < 2 ** -15:
+        warnings.warn(f'{src}: the audio is silent (peak below one 16-bit step): its spectrogram is the log floor '
+                      'everywhere — check the source, or drop the clip from the lists', stacklevel=2)
+    return x, rate
 
 # %% ../nbs/01c_prep.ipynb #5dbbc4c7
 def extract_spectrogram(src: str | Path, out: str | Path, sr: int = 16000) -> bool:
-    "`src` (a .wav, or a video whose audio ffmpeg extracts at `sr` mono) → `out` .npy (1024, 128); False if done."
+    "`src` (a video or a .wav, resampled by ffmpeg to `sr` mono) → `out` .npy (1024, 128); False if done."
     src, out = Path(src), Path(out)
     if out.exists():
         try: check_spectrogram(out, out.stem); return False
@@ -233,7 +235,7 @@ def prep_audio(videos: str | Path, root: str | Path, sr: int = 16000, workers: i
     "Every video or .wav under `videos` → `root/audio/<id>.npy`; a .wav is used in preference to a video of the same id."
     root = Path(root); clips = find_clips(videos, VIDEO_EXTS)
     wavs = find_clips(videos, ('.wav',)); clips.update(wavs)
-    if len(wavs) < len(clips): require_ffmpeg()
+    require_ffmpeg()
     jobs = {cid: (lambda p=p, cid=cid: extract_spectrogram(p, root / 'audio' / f'{cid}.npy', sr)) for cid, p in clips.items()}
     return run_clips('audio', jobs, root, workers, progress)
 
@@ -403,7 +405,7 @@ def check_data(dataset: str, root, full: bool = False) -> dict:
     "Build the train/test datasets of `dataset` under `root`, report the unusable clips; returns id → reason."
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        sp = clip_splits(dataset, root, val='test', on_error='skip', check='full' if full else 'files')
+        sp = clip_splits(dataset, root, val='test', on_error='skip', check='full' if full else 'content')
     bad = {**sp.train.skipped, **sp.test.skipped}
     print(f'{dataset}: train {len(sp.train)} clips, test {len(sp.test)} clips usable; {len(bad)} unusable')
     for k, v in bad.items(): print(f'  {k}: {v}')
@@ -426,7 +428,7 @@ def _add_media_commands(sub):
 
 # %% ../nbs/01c_prep.ipynb #941e768f
 def _add_list_commands(sub):
-    "The `lists` and `check` sub-commands."
+    "The `lists`, `fixture` and `check` sub-commands."
     a = sub.add_parser('lists', help='official split files -> ROOT/lists/*.txt and ROOT/classes.txt')
     a.add_argument('--root', required=True)
     a.add_argument('--format', required=True, choices=['list', 'csv', 'vggsound', 'kinetics', 'ucf101'])
@@ -434,7 +436,9 @@ def _add_list_commands(sub):
     a.add_argument('--ucf-splits'); a.add_argument('--split', type=int, default=1)
     a.add_argument('--classes', help='class names, one per line: fixes order and subset')
     a.add_argument('--id-format', help="e.g. '{ytid}_{start:06d}'"); a.add_argument('--only-present', action='store_true')
-    a = sub.add_parser('check', help='build the datasets and report unusable clips')
+    a = sub.add_parser('fixture', help="a tiny random data root in every paper layout (for --profile paper-dry)")
+    a.add_argument('--root', required=True)
+    a = sub.add_parser('check', help='build the datasets and report unusable clips (exit code 1 if any)')
     a.add_argument('--dataset', required=True, choices=['ks', 'vggsound', 'ucf101'])
     a.add_argument('--root', required=True); a.add_argument('--full', action='store_true')
 
@@ -455,6 +459,7 @@ def _cli_run(args):
     if args.command == 'lists':
         return prep_lists(args.root, args.format, args.csv, args.train, args.test, args.val, args.ucf_splits,
                           args.split, args.classes, args.id_format, args.only_present)
+    if args.command == 'fixture': return make_fixtures(args.root)
     return check_data(args.dataset, args.root, args.full)
 
 # %% ../nbs/01c_prep.ipynb #69f9d64e
@@ -467,7 +472,8 @@ def prep_cli(argv: Sequence[str] | None = None):
     if isinstance(res, PrepSummary):
         print(res); return 1 if res.failed else 0
     if args.command == 'lists': print('lists:', res)
-    return 0
+    if args.command == 'fixture': print(f'fixture: {", ".join(sorted(res))} under {args.root}')
+    return 1 if args.command == 'check' and res else 0
 
 # %% ../nbs/01c_prep.ipynb #f04822f3
 if __name__ == '__main__' and globals().get('__file__'): sys.exit(prep_cli())

@@ -143,6 +143,8 @@ SOE_PROFILES: dict[str, dict] = {
                   weight_decay=1e-4, milestones=(50, 75), batch_size=128, max_train=None, threads=None,
                   attack=dict(eps=0.02, alpha=0.01, steps=10)),
 }
+SOE_PROFILES['paper-dry'] = {**SOE_PROFILES['paper'], 'epochs': 1, 'sub_epochs': 1, 'milestones': (), 'batch_size': 4,
+                           'max_train': 8}   # the paper settings with the budgets cut: the test suite's dry run
 
 def soe_config(profile, method: str = 'SoE', **overrides) -> dict:
     "The plain training config of an SoE-paper `method` under `profile`: the profile's, then `overrides` (`options` merge)."

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch_to
 from tqdm.std import tqdm   # text bars: they show in executed notebooks and logs too
-from .core import get_device, autocast, to_device, seed_everything, eval_mode, Profile, save_torch, load_torch
+from .core import get_device, autocast, cuda_paths, to_device, seed_everything, eval_mode, Profile, save_torch, load_torch
 from .models import logits_of, MMOutput
 
 # %% auto #0
@@ -86,9 +86,9 @@ class Method:
 
 # %% ../nbs/06_train.ipynb #d3217f90
 def _prep(xs, device):
-    "Inputs on `device`; 4-D (image) tensors in channels-last layout on CUDA."
+    "Inputs on `device`; 4-D (image) tensors channels-last on the CUDA paths (`cuda_paths`)."
     xs = to_device(xs, device)
-    if device.type == 'cuda': xs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs)
+    if cuda_paths(device): xs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs)
     return tuple(xs)
 
 # %% ../nbs/06_train.ipynb #55a33266
@@ -108,8 +108,8 @@ def accuracy(model: nn.Module, dl, method: Method | None = None, device='auto') 
 # %% ../nbs/06_train.ipynb #0f8674ed
 def loaders(splits, batch_size: int = 64, generator: torch.Generator | None = None, device='auto',
             max_train: int | None = None, max_eval: int | None = None):
-    "(train, valid, test) loaders of a `DataSplits`; train shuffled by `generator`; pinned memory on CUDA."
-    pin = get_device(device).type == 'cuda'
+    "(train, valid, test) loaders of a `DataSplits`; train shuffled by `generator`; pinned memory on the CUDA paths."
+    pin = cuda_paths(get_device(device))
     tr = splits.train.head(max_train).loader(batch_size, shuffle=True, generator=generator, pin_memory=pin)
     va, te = (s.head(max_eval).loader(256, pin_memory=pin) for s in (splits.valid, splits.test))
     return tr, va, te
@@ -168,9 +168,9 @@ def stages_of(method: Method) -> list[Method]:
 
 # %% ../nbs/06_train.ipynb #f63907d2
 def _start(model: nn.Module, train_dl, valid_dl, device: torch.device, seed: int) -> Context:
-    "The model on `device` (channels-last and cuDNN autotuning on CUDA), and the loop's context with its generators."
+    "The model on `device` (channels-last and cuDNN autotuning on the CUDA paths), and the loop's context with its generators."
     model.to(device)
-    if device.type == 'cuda': model.to(memory_format=torch.channels_last); torch.backends.cudnn.benchmark = True
+    if cuda_paths(device): model.to(memory_format=torch.channels_last); torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(int(seed))
     dgen = gen if device.type == 'cpu' else torch.Generator(device).manual_seed(int(seed) + 1)
     return Context(model, train_dl, valid_dl, device, gen, dgen)
