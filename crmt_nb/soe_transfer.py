@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 import torch
-from .core import ModelCache, get_device
+from .core import ModelCache, get_device, num_threads
 from .train import Trained
 from .experiment import cache_key
 from .soe_baselines import soe_trained, soe_trained_at, soe_config, soe_eval
@@ -75,20 +75,22 @@ def transfer_bank(run, eps: float, surrogates=None, steps: int | None = None, n_
     def craft() -> dict:
         dev = get_device(run.device); x, y, idx = eval_batch(run, n, subset_seed)
         models = {f'baseline{k}': surrogate(run, k).model.to(dev) for k in ks}
-        sets = transfer_sets(models, x.to(dev), y.to(dev), float(eps), steps=steps, generator=torch.Generator().manual_seed(seed))
+        with num_threads(key['surrogates']['baseline3']['threads'] if dev.type == 'cpu' else None):   # as the training: same threads, same examples
+            sets = transfer_sets(models, x.to(dev), y.to(dev), float(eps), steps=steps, generator=torch.Generator().manual_seed(seed))
         return {'names': list(sets), 'x_adv': torch.stack([v.cpu() for v in sets.values()]), 'x': x, 'y': y, 'idx': idx}
     ck = ModelCache(Path(run.root) / 'transfer').get_or_train(run.splits.name, f'bank-eps{float(eps):g}', key, seed, craft)
     return TransferBank(float(eps), ck['x'], ck['y'], list(ck['idx']), dict(zip(ck['names'], ck['x_adv'])), small_set_names(), key)
 
 # %% ../nbs/09d_soe_transfer.ipynb #7521cb85
-def transfer_accuracy(model, bank: TransferBank) -> dict:
-    "{'small': acc1 of the 3-variant set, 'all': acc1 of the large set, 'clean', 'variant:<name>': each variant's accuracy}."
+def transfer_accuracy(model, bank: TransferBank, threads: int | None = 1) -> dict:
+    "{'small': acc1 of the 3-variant set, 'all': acc1 of the large set, 'clean', 'variant:<name>'}; on CPU with `threads` threads."
     dev = next(model.parameters()).device; y = bank.y.to(dev)
-    sets = {k: v.to(dev) for k, v in bank.sets.items()}
-    out = {'clean': (predict(model, bank.x.to(dev)) == y).float().mean().item(),
-           'small': transfer_robust(model, {k: sets[k] for k in bank.small}, y)['acc_all'],
-           'all': transfer_robust(model, sets, y)['acc_all']}
-    return {**out, **{f'variant:{k}': transfer_robust(model, {k: v}, y)['acc_all'] for k, v in sets.items()}}
+    with num_threads(threads if dev.type == 'cpu' else None):
+        sets = {k: v.to(dev) for k, v in bank.sets.items()}
+        out = {'clean': (predict(model, bank.x.to(dev)) == y).float().mean().item(),
+               'small': transfer_robust(model, {k: sets[k] for k in bank.small}, y)['acc_all'],
+               'all': transfer_robust(model, sets, y)['acc_all']}
+        return {**out, **{f'variant:{k}': transfer_robust(model, {k: v}, y)['acc_all'] for k, v in sets.items()}}
 
 # %% ../nbs/09d_soe_transfer.ipynb #f2e16d48
 def _train_job(args) -> str:
