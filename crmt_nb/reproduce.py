@@ -58,6 +58,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'SoE Table 2: clean accuracy of SoE and of each sub-model, routing shares, selection quality vs an oracle'),
     Experiment('soe_table4_capacity', 'soe', 'table4',
                'SoE Table 4: clean accuracy by ResNet depth, single model vs SoE (and the averaging ensemble of the same sub-models)'),
+    Experiment('soe_whitebox_adaptive', 'soe', 'whitebox',
+               'SoE (ours): white-box PGD (code and DVERGE protocols) and adaptive attacks on the selection rule, 5 methods + averaging; gradient-masking check'),
 ]}
 
 def select(only: str | None = None) -> list[Experiment]:
