@@ -58,10 +58,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                'SoE Table 2: clean accuracy of SoE and of each sub-model, routing shares, selection quality vs an oracle'),
     Experiment('soe_table4_capacity', 'soe', 'table4',
                'SoE Table 4: clean accuracy by ResNet depth, single model vs SoE (and the averaging ensemble of the same sub-models)'),
-    Experiment('soe_fig2_collaboration_ablation', 'soe', 'fig2',
-               'SoE Figure 2: transfer robust accuracy vs ε, SoE vs SoE without collaboration training, 3-variant and large set'),
-    Experiment('soe_fig3_fig4_num_submodels', 'soe', 'fig3+fig4',
-               'SoE Figures 3 and 4: transfer robust accuracy vs ε for SoE with N = 1..5 sub-models, 3-variant and large set'),
+    Experiment('soe_whitebox_adaptive', 'soe', 'whitebox',
+               'SoE (ours): white-box PGD (code and DVERGE protocols) and adaptive attacks on the selection rule, 5 methods + averaging; gradient-masking check'),
 ]}
 
 def select(only: str | None = None) -> list[Experiment]:
