@@ -191,6 +191,8 @@ SOE_EVAL: dict[str, dict] = {
     'paper': dict(eps=(0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07), n_eval=1000, pgd_steps=50, restarts=5,
                   transfer_steps=100, surrogates=(3, 5, 8), square_queries=5000, eval_seeds=(0, 1, 2, 3, 4), per_eps=True),
 }
+SOE_EVAL['paper-dry'] = {**SOE_EVAL['paper'], 'eps': (0.02,), 'n_eval': 2, 'pgd_steps': 1, 'restarts': 1, 'transfer_steps': 1,
+                         'surrogates': (3,), 'square_queries': 2, 'eval_seeds': (0,)}   # the paper protocol, budgets cut
 
 def soe_eval(profile, **overrides) -> dict:
     "The SoE evaluation protocol of `profile` (ε grid, image count, attack budgets, per-ε models or not), then `overrides`."
