@@ -34,9 +34,18 @@ def gaussian_noise(xs, sigmas, generator: torch.Generator) -> tuple:
                  for x, s in zip(xs, sig))
 
 # %% ../nbs/03b_smoothing.ipynb #fea6c4e0
-def modality_scales(ds) -> tuple:
-    "sd_m = √(mean_j Var(x^(m)_j)) per modality of a `MultiModalDataset` (the RMS per-coordinate std)."
-    return tuple(float(x.flatten(1).double().var(0).mean().sqrt()) for x in ds.xs)
+def _modality_tensors(ds, max_samples: int) -> tuple:
+    "The modality tensors of `ds`: its `xs` in memory, else the first `max_samples` samples of its loader (clip data)."
+    if hasattr(ds, 'xs'): return ds.xs
+    got, n = [], 0
+    for xs, _ in ds.loader(64):
+        got.append(xs); n += len(xs[0])
+        if n >= max_samples: break
+    return tuple(torch.cat(ms)[:max_samples] for ms in zip(*got))
+
+def modality_scales(ds, max_samples: int = 1024) -> tuple:
+    "sd_m = √(mean_j Var(x^(m)_j)) per modality (the RMS per-coordinate std); clip datasets: over `max_samples` samples."
+    return tuple(float(x.flatten(1).double().var(0).mean().sqrt()) for x in _modality_tensors(ds, max_samples))
 
 def noise_sigmas(ds, scale: float) -> tuple:
     "σ_m = `scale` × sd_m (`modality_scales`): one relative noise level for every modality."
