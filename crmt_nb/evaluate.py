@@ -14,8 +14,8 @@ from .attacks import fgm, pgd_l2, drop_modality
 from .bounds import lipschitz_upper, certified_radius
 
 # %% auto #0
-__all__ = ['ATTACKS', 'AttackSpec', 'paper_protocol', 'radius_grid', 'evaluate', 'unimodal_accuracy', 'encoder_lipschitz',
-           'pgd_radius']
+__all__ = ['ATTACKS', 'AttackSpec', 'paper_protocol', 'radius_grid', 'evaluate', 'attack_checkpoints', 'unimodal_accuracy',
+           'encoder_lipschitz', 'pgd_radius']
 
 # %% ../nbs/08_evaluate.ipynb #eb71e4b6
 ATTACKS = ('clean', 'fgm', 'pgd', 'missing')
@@ -87,6 +87,22 @@ def _with_bar(model, ds, specs, batch_size, steps, device, max_n) -> pd.DataFram
     rows = [evaluate(model, ds, [s], batch_size, steps, device, max_n)
             for s in tqdm(specs, desc='attacks', unit='condition', mininterval=2)]
     return pd.concat(rows, ignore_index=True)
+
+# %% ../nbs/08_evaluate.ipynb #90fac5b7
+def attack_checkpoints(run, methods, specs: Sequence[AttackSpec], label, overrides: dict | None = None,
+                       checkpoints: Sequence[str] = ('selected', 'last')):
+    """`evaluate` on `run`'s test split of every (method, seed, checkpoint) model of `run`. Returns the tidy rows (with
+    method, seed, checkpoint) and the mean and sd over seeds as frames indexed by (checkpoint, method), one column per
+    condition named `label(attack, modality)`, in the order of `specs`."""
+    methods = dict(methods) if isinstance(methods, dict) else {m: m for m in methods}
+    rows = pd.concat([evaluate(run.trained(m, s, overrides, checkpoint=ck).predictor, run.splits.test, specs,
+                               steps=run.profile.attack_steps, device=run.device, max_n=run.profile.max_eval)
+                      .assign(method=name, seed=s, checkpoint=ck)
+                      for name, m in methods.items() for s in run.seeds for ck in checkpoints], ignore_index=True)
+    cond = [label(a, m) for a, m in zip(rows.attack, rows.modality)]
+    g = rows.assign(cond=cond).groupby(['checkpoint', 'method', 'cond'])['value']
+    index, columns = pd.MultiIndex.from_product([list(checkpoints), list(methods)]), list(dict.fromkeys(cond))
+    return rows, g.mean().unstack().reindex(index=index, columns=columns), g.std().unstack().reindex(index=index, columns=columns).fillna(0)
 
 # %% ../nbs/08_evaluate.ipynb #d92d4149
 @torch.no_grad()
