@@ -293,13 +293,14 @@ def _check_flow(root: Path, cid: str) -> int:
     return nu
 
 # %% ../nbs/01b_paper_data.ipynb #926d7478
-def _decode_clip(root: Path, cid: str, second: str, n: int, nf: int) -> None:
-    "Read every RGB frame and the spectrogram (or every flow pair) of clip `cid`: `ClipError` if one is unreadable."
-    for t in range(1, n + 1): read_jpeg(root / 'frames' / cid / frame_name(t), cid)
+def _walk_clip(root: Path, cid: str, second: str, n: int, nf: int, jpeg) -> None:
+    """Every file of clip `cid` in order: `jpeg(path, grey)` on its `n` RGB frames, then `load_spectrogram` (audio) or
+    `jpeg` on its `nf` u/v flow frames; the first bad file raises `ClipError`. One walk for the 'content' and 'full' levels."""
+    for t in range(1, n + 1): jpeg(root / 'frames' / cid / frame_name(t), False)
     if second == 'audio': load_spectrogram(root / 'audio' / f'{cid}.npy', cid)
     else:
         for t in range(1, nf + 1):
-            for c in 'uv': read_jpeg(root / 'flow' / cid / c / frame_name(t), cid, grey=True)
+            for c in 'uv': jpeg(root / 'flow' / cid / c / frame_name(t), True)
 
 # %% ../nbs/01b_paper_data.ipynb #923b6994
 def jpeg_intact(path: Path, clip_id: str) -> None:
@@ -311,14 +312,6 @@ def jpeg_intact(path: Path, clip_id: str) -> None:
     if head != b'\xff\xd8': raise ClipError(clip_id, f'corrupt JPEG {path}: no start-of-image marker')
     if b'\xff\xd9' not in tail: raise ClipError(clip_id, f'corrupt JPEG {path}: cut off (no end-of-image marker)')
 
-def _content_clip(root: Path, cid: str, second: str, n: int, nf: int) -> None:
-    "Every frame's JPEG markers and the spectrogram's values (no decoding): what a cut-off copy or a NaN breaks."
-    for t in range(1, n + 1): jpeg_intact(root / 'frames' / cid / frame_name(t), cid)
-    if second == 'audio': load_spectrogram(root / 'audio' / f'{cid}.npy', cid)
-    else:
-        for t in range(1, nf + 1):
-            for c in 'uv': jpeg_intact(root / 'flow' / cid / c / frame_name(t), cid)
-
 # %% ../nbs/01b_paper_data.ipynb #7b24693a
 CHECKS = ('files', 'content', 'full')
 
@@ -327,8 +320,9 @@ def _check_clip(root: Path, cid: str, second: str, check: str = 'files') -> tupl
     n, nf = _check_frames(root, cid), 0
     if second == 'audio': check_spectrogram(root / 'audio' / f'{cid}.npy', cid)
     else: nf = _check_flow(root, cid)
-    if check == 'full': _decode_clip(root, cid, second, n, nf)      # a decoder error names the frame first
-    if check in ('content', 'full'): _content_clip(root, cid, second, n, nf)
+    decode, markers = (lambda p, grey: read_jpeg(p, cid, grey=grey)), (lambda p, grey: jpeg_intact(p, cid))
+    if check == 'full': _walk_clip(root, cid, second, n, nf, decode)       # a decoder error names the frame first
+    if check in ('content', 'full'): _walk_clip(root, cid, second, n, nf, markers)
     return n, nf
 
 # %% ../nbs/01b_paper_data.ipynb #cff0e2b3

@@ -18,7 +18,7 @@ from .soe_attacks import TRANSFER_VARIANTS, transfer_sets, transfer_robust, eval
 
 # %% auto #0
 __all__ = ['SURROGATE_SEED', 'SMALL_VARIANTS', 'surrogate', 'eval_batch', 'small_set_names', 'TransferBank', 'transfer_bank',
-           'transfer_accuracy', 'soe_prefetch']
+           'transfer_accuracy', 'soe_prefetch', 'transfer_results']
 
 # %% ../nbs/09d_soe_transfer.ipynb #5ec8b236
 SURROGATE_SEED = 100
@@ -55,6 +55,10 @@ class TransferBank:
     small: tuple
     key: dict
     def __repr__(self): return f'TransferBank(ε={self.eps:g}: {len(self.y)} images × {len(self.sets)} variants, small set {len(self.small)})'
+    @property
+    def attacks(self) -> dict:
+        "The `attack` label of each set's acc1 rows: {'small': 'transfer, 3 variants', 'all': 'transfer, <V> variants'}."
+        return {'small': f'transfer, {len(self.small)} variants', 'all': f'transfer, {len(self.sets)} variants'}
 
 # %% ../nbs/09d_soe_transfer.ipynb #956eab47
 def _bank_settings(run, eps, surrogates, steps, n_eval, subset_seed, seed) -> tuple:
@@ -108,3 +112,16 @@ def soe_prefetch(run, jobs, workers: int | None = None) -> int:
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as ex:
         list(ex.map(_train_job, [(lite, *j) for j in jobs]))
     return workers
+
+# %% ../nbs/09d_soe_transfer.ipynb #5391850c
+def transfer_results(run, victims: dict, banks: dict) -> None:
+    """Add to `run.results`, per seed × victim × ε: the clean accuracy and acc1 of both sets under `bank.attacks`.
+    `victims` {label: (method, overrides, columns)}, the model `soe_trained_at(run, method, ε, seed, **overrides)`; `banks` {ε: TransferBank}."""
+    bad = {k: v for k, v in victims.items() if not (isinstance(v, tuple) and len(v) == 3)}
+    if bad: raise ValueError(f"each victim must be (method, overrides, columns), e.g. {{'SoE': ('SoE', {{}}, {{}})}}; got {bad!r}")
+    for seed in run.seeds:
+        for label, (method, overrides, columns) in victims.items():
+            for eps, bank in banks.items():
+                acc = transfer_accuracy(soe_trained_at(run, method, eps, seed, **overrides).model, bank)
+                run.results.add(label, 'clean_accuracy', acc['clean'], seed, 'none', eps=eps, **columns)
+                for k, att in bank.attacks.items(): run.results.add(label, 'acc1', acc[k], seed, att, eps=eps, **columns)
