@@ -245,19 +245,19 @@ def _conv_input_grad(g, conv, in_shape) -> torch.Tensor:
                                                [True, False, False])[0]
 
 # %% ../nbs/03_bounds.ipynb #ed6c2391
-_CHUNK_ELEMS = 1 << 24                                              # activation elements per pass (rows · B · widest)
+_CHUNK_ELEMS = 1 << 21                                              # activation elements per pass (rows · B · widest): ≈ cache-sized
 
 def _apply_program(steps, R, B: int) -> torch.Tensor:
     "J_φᵀ r (rows, B, D) for every row r of R (rows, d) at each of the B recorded samples, all rows as one batch."
-    g = R[:, None, :].expand(R.shape[0], B, R.shape[1])           # the same feature gradient for every sample
+    g, own = R[:, None, :].expand(R.shape[0], B, R.shape[1]), False    # the same feature gradient for every sample
     for kind, arg in steps:
-        if kind == 'diag': g = g * arg
-        elif kind == 'mat': g = g @ arg
-        elif kind == 'pool': g = (g / (arg[2] * arg[3])).expand(*g.shape[:2], *arg[1:])
+        if kind == 'diag': g, own = (g.mul_(arg) if own else g * arg), True        # in place on our own buffers
+        elif kind == 'mat': g, own = g @ arg, True
+        elif kind == 'pool': g, own = (g / (arg[2] * arg[3])).expand(*g.shape[:2], *arg[1:]), False
         elif kind == 'view': g = g.reshape(*g.shape[:2], *arg[1:])
         else:
             conv, shape = arg
-            g = _conv_input_grad(g.flatten(0, 1), conv, (len(R) * B, *shape[1:])).unflatten(0, (len(R), B))
+            g, own = _conv_input_grad(g.flatten(0, 1), conv, (len(R) * B, *shape[1:])).unflatten(0, (len(R), B)), True
     return g.flatten(2)
 
 def _autograd_vjps(enc, x, R, step=None) -> torch.Tensor:
@@ -279,7 +279,8 @@ def _encoder_vjps(enc, x, R, step=None) -> torch.Tensor:
         if prog is None: return _autograd_vjps(enc, x, R, step)
         steps, widest = prog
         step = step or max(1, _CHUNK_ELEMS // max(1, len(x) * widest))
-        return torch.cat([_apply_program(steps, R[c:c + step], len(x)) for c in range(0, len(R), step)])
+        parts = [_apply_program(steps, R[c:c + step], len(x)) for c in range(0, len(R), step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 # %% ../nbs/03_bounds.ipynb #e6af4b26
 def _autograd_grads(model, xs, official: bool, step):
