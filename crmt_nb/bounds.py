@@ -4,10 +4,10 @@
 
 # %% ../nbs/03_bounds.ipynb #32911597
 from __future__ import annotations
-import math
+import itertools, math
 from typing import Iterable
 import torch, torch.nn as nn, torch.nn.functional as F
-from .models import logits_of
+from .models import logits_of, JointModel
 from .core import eval_mode
 from .lipschitz import lipschitz_upper
 _all_ = ['lipschitz_upper']
@@ -136,6 +136,11 @@ def _param_device(model):
     return p.device if p is not None else torch.device('cpu')
 
 # %% ../nbs/03_bounds.ipynb #ef6b7331
+def _selection(K: int, official: bool, like: torch.Tensor) -> torch.Tensor:
+    "The (K, K) row selection: identity (one class per row) or, official get_lip, lower-triangular (cumulative)."
+    eye = torch.eye(K, dtype=like.dtype, device=like.device)
+    return torch.tril(torch.ones_like(eye)) if official else eye
+
 def _scores(model, xs, official: bool):
     "The fused logits (official get_lip) or Σ_m s^(m) (each s^(m) depends on x^(m) only)."
     out = model(xs)
@@ -161,18 +166,144 @@ def _pair_maxima(g, a) -> torch.Tensor:
     gram = torch.einsum('kbd,lbd->bkl', g, g)
     return (n2.t()[:, :, None] + n2.t()[:, None, :] - 2 * gram).clamp_min(0).sqrt().amax(0)
 
+# %% ../nbs/03_bounds.ipynb #b641f68a
+def _per_encoder(model) -> bool:
+    "True when φ^(m) = encoders[m](x^(m)) and the scores are JointModel's linear `fuse` of them (∇ = J_φᵀ r per encoder)."
+    t = type(model)
+    return isinstance(model, JointModel) and all(getattr(t, n) is getattr(JointModel, n) for n in ('features', 'fuse', 'forward'))
+
+def _feature_rows(model, sel, official: bool) -> list:
+    "r^(m) = (sel ⊙ κ^(m)) W̃^(m), (rows, d_m) per modality: ∇_{φ^(m)} Σ_k sel[c,k] S_k; κ = a^(m) (fused logits) or 1."
+    a = model.integration.detach()
+    return [(sel * a[m] if official else sel) @ w.detach() for m, w in enumerate(model.head_weights())]
+
+# %% ../nbs/03_bounds.ipynb #72830e98
+def _flat_layers(enc):
+    "The layers of a (nested) plain nn.Sequential, in order, or None (a custom forward may compute anything)."
+    if not isinstance(enc, nn.Sequential) or type(enc).forward is not nn.Sequential.forward: return None
+    out = []
+    for mod in enc:
+        sub = _flat_layers(mod) if isinstance(mod, nn.Sequential) else [mod]
+        if sub is None: return None
+        out += sub
+    return out
+
+def _layer_step(mod, h, y):
+    "The factor of Jᵀ of layer `mod` (input h, output y): ('mat'|'conv'|'diag'|'pool'|'view', arg), ('id', None), or None."
+    t = type(mod)
+    if t is nn.Linear: return 'mat', mod.weight
+    if t is nn.Conv2d and mod.padding_mode == 'zeros' and not isinstance(mod.padding, str): return 'conv', (mod, tuple(h.shape))
+    if t is nn.ReLU: return 'diag', (y > 0).to(y.dtype)
+    if t in (nn.BatchNorm1d, nn.BatchNorm2d) and not mod.training and mod.running_var is not None:
+        s = torch.rsqrt(mod.running_var + mod.eps) * (mod.weight if mod.affine else 1)
+        return 'diag', s.reshape(-1, *[1] * (h.ndim - 2))
+    if t is nn.AdaptiveAvgPool2d and mod.output_size in (1, (1, 1)) and h.ndim == 4: return 'pool', tuple(h.shape)
+    if t is nn.Flatten and mod.start_dim == 1 and y.ndim == 2: return 'view', tuple(h.shape)
+    if t is nn.Identity or (t is nn.Dropout and not mod.training): return 'id', None
+    return None
+
+# %% ../nbs/03_bounds.ipynb #2ddeef36
+def _merge_diagonals(steps) -> list:
+    "Backward-order steps with each run of diagonal factors multiplied into one (4-D ones stored channels_last)."
+    out = []
+    for kind, arg in steps:
+        if kind == 'diag' and out and out[-1][0] == 'diag': out[-1] = ('diag', out[-1][1] * arg)
+        else: out.append((kind, arg))
+    cl = lambda a: a.contiguous(memory_format=torch.channels_last) if a.ndim == 4 else a
+    return [(k, cl(a) if k == 'diag' else a) for k, a in out]
+
+def _transpose_program(enc, x):
+    "One no-grad forward of a piecewise-linear encoder at x: (the factors of J_φ(x)ᵀ in backward order, the widest per-sample activation), or None."
+    layers = _flat_layers(enc)
+    if layers is None: return None
+    steps, h, widest = [], x, x[0].numel()
+    for mod in layers:
+        y = mod(h); st = _layer_step(mod, h, y)
+        if st is None: return None
+        if st[0] != 'id': steps.append(st)
+        h, widest = y, max(widest, y[0].numel())
+    return _merge_diagonals(steps[::-1]), widest
+
+# %% ../nbs/03_bounds.ipynb #f3871da0
+def _conv1_input_grad(g, w, stride, padding, in_shape) -> torch.Tensor:
+    "convᵀ g (N, 1, H, W) for a one-input-channel conv (weight w (C_o, 1, kh, kw)): one GEMM, then col2im's shifted adds."
+    N, Co, Ho, Wo = g.shape; (kh, kw), (sh, sw), (ph, pw), (H, W) = w.shape[2:], stride, padding, in_shape[2:]
+    cols = (w.reshape(Co, kh * kw).t() @ g.permute(0, 2, 3, 1).reshape(-1, Co).t()).view(kh, kw, N, Ho, Wo)
+    out = g.new_zeros(N, H + 2 * ph, W + 2 * pw)                   # padded input coordinates
+    for ty, tx in itertools.product(range(kh), range(kw)):
+        out[:, ty:ty + sh * (Ho - 1) + 1:sh, tx:tx + sw * (Wo - 1) + 1:sw] += cols[ty, tx]
+    return out[:, ph:ph + H, pw:pw + W].unsqueeze(1)
+
+def _conv_input_grad(g, conv, in_shape) -> torch.Tensor:
+    "convᵀ g = ∇_x ⟨g, conv(x)⟩ for an input of shape `in_shape`: the GEMM path for C_in = 1, else aten's kernel in channels_last."
+    if conv.in_channels == 1 and conv.groups == 1 and conv.dilation == (1, 1):
+        return _conv1_input_grad(g, conv.weight, conv.stride, conv.padding, in_shape)
+    cl = torch.channels_last
+    x = torch.empty(in_shape, dtype=g.dtype, device=g.device, memory_format=cl)        # only its shape is read
+    return torch.ops.aten.convolution_backward(g.contiguous(memory_format=cl), x, conv.weight.contiguous(memory_format=cl),
+                                               None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+                                               [True, False, False])[0]
+
+# %% ../nbs/03_bounds.ipynb #ed6c2391
+_CHUNK_ELEMS = 1 << 21                                              # activation elements per pass (rows · B · widest): ≈ cache-sized
+
+def _apply_program(steps, R, B: int) -> torch.Tensor:
+    "J_φᵀ r (rows, B, D) for every row r of R (rows, d) at each of the B recorded samples, all rows as one batch."
+    g, own = R[:, None, :].expand(R.shape[0], B, R.shape[1]), False    # the same feature gradient for every sample
+    for kind, arg in steps:
+        if kind == 'diag': g, own = (g.mul_(arg) if own else g * arg), True        # in place on our own buffers
+        elif kind == 'mat': g, own = g @ arg, True
+        elif kind == 'pool': g, own = (g / (arg[2] * arg[3])).expand(*g.shape[:2], *arg[1:]), False
+        elif kind == 'view': g = g.reshape(*g.shape[:2], *arg[1:])
+        else:
+            conv, shape = arg
+            g, own = _conv_input_grad(g.flatten(0, 1), conv, (len(R) * B, *shape[1:])).unflatten(0, (len(R), B)), True
+    return g.flatten(2)
+
+def _autograd_vjps(enc, x, R, step=None) -> torch.Tensor:
+    "J_φᵀ r (rows, B, D) by autograd, for any encoder: batched backwards of φ(x), `step` rows at a time."
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True); phi = enc(x); step = step or len(R)
+        vjp = lambda r: torch.autograd.grad(phi, x, r[:, None, :].expand(-1, *phi.shape), is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+        return torch.cat([vjp(R[c:c + step]) for c in range(0, len(R), step)]).flatten(2)
+
+# %% ../nbs/03_bounds.ipynb #e9ff16f7
+def _encoder_vjps(enc, x, R, step=None) -> torch.Tensor:
+    "J_φ(x)ᵀ r (rows, B, D) for the rows of R (rows, d): the recorded program if φ is piecewise linear, else autograd; rows > d: via the d unit vectors."
+    if R.shape[0] > R.shape[1]:                                     # min(K, d) VJPs: push e_1..e_d, then contract
+        Jt = _encoder_vjps(enc, x, torch.eye(R.shape[1], dtype=R.dtype, device=R.device), step)
+        return (R @ Jt.flatten(1)).view(len(R), *Jt.shape[1:])
+    with torch.no_grad():
+        prog = _transpose_program(enc, x)
+        if prog is None: return _autograd_vjps(enc, x, R, step)
+        steps, widest = prog
+        step = step or max(1, _CHUNK_ELEMS // max(1, len(x) * widest))
+        parts = [_apply_program(steps, R[c:c + step], len(x)) for c in range(0, len(R), step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+# %% ../nbs/03_bounds.ipynb #e6af4b26
+def _autograd_grads(model, xs, official: bool, step):
+    "(K, items): any model — one batched backward of S per chunk of `step` rows; items (m, c0, g (rows, B, D))."
+    S = _scores(model, xs, official); K = S.shape[1]; sel = _selection(K, official, S); step = step or K
+    return K, ((m, c0, g) for c0 in range(0, K, step) for m, g in enumerate(_class_grads(S, xs, sel[c0:c0 + step])))
+
+def _encoder_grads(model, xs, official: bool, step):
+    "(K, items): a per-encoder JointModel — J_φᵀ r^(m) per encoder, items (m, 0, g (K, B, D)); official skips the audio (read as 0)."
+    w0 = model.head_weights()[0]; K = w0.shape[0]
+    rows = _feature_rows(model, _selection(K, official, w0), official)
+    return K, ((m, 0, _encoder_vjps(enc, x, r, step)) for m, (enc, x, r) in enumerate(zip(model.encoders, xs, rows))
+               if not (official and m == 1))
+
 # %% ../nbs/03_bounds.ipynb #69cca045
 def _batch_update(best, model, xs, official: bool, pairs: bool, class_chunk):
     "The running maxima `best` ((M,K) τ̂ or (M,K,K) η̂; None before the first batch) updated with the batch `xs`."
-    S = _scores(model, xs, official); M, K = len(xs), S.shape[1]
-    if best is None: best = torch.zeros((M, K, K) if pairs else (M, K), dtype=torch.float64, device=S.device)
-    eye = torch.eye(K, dtype=S.dtype, device=S.device)
-    sel = torch.tril(torch.ones_like(eye)) if official else eye                # official: cumulative over classes
-    step = K if (class_chunk is None or pairs) else int(class_chunk)
-    for c0 in range(0, K, step):
-        for m, g in enumerate(_class_grads(S, xs, sel[c0:c0 + step])):
-            if pairs: best[m] = torch.maximum(best[m], _pair_maxima(g, model.integration.detach()[m]))
-            else: best[m, c0:c0 + step] = torch.maximum(best[m, c0:c0 + step], _class_maxima(g, official, m))
+    grads = _encoder_grads if _per_encoder(model) else _autograd_grads
+    K, items = grads(model, xs, official, None if pairs else class_chunk)
+    if best is None: best = torch.zeros((len(xs), K, K) if pairs else (len(xs), K), dtype=torch.float64, device=xs[0].device)
+    for m, c0, g in items:
+        if pairs: best[m] = torch.maximum(best[m], _pair_maxima(g, model.integration.detach()[m]))
+        else: best[m, c0:c0 + len(g)] = torch.maximum(best[m, c0:c0 + len(g)], _class_maxima(g, official, m))
     return best
 
 # %% ../nbs/03_bounds.ipynb #ae975ae2

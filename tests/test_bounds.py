@@ -467,6 +467,71 @@ def test_empirical_lipschitz_official():
     fct.test_fail(lambda: empirical_lipschitz(m3, [torch.randn(2, 7)]), contains='wrap a single batch')
 
 
+def _autograd_loop(model, batches, official=False):
+    "Per-class loop over the scores empirical_lipschitz differentiates: Σ_m s^(m) (or the fused logits, official)."
+    model.eval(); best = None
+    for xs, _ in batches:
+        xs = tuple(x.clone().requires_grad_(True) for x in xs)
+        out = model(xs); S = out.logits if official else sum(out.unimodal)
+        if best is None: best = torch.zeros(len(xs), S.shape[1])
+        for c in range(S.shape[1]):
+            obj = S[:, :c + 1].sum() if official else S[:, c].sum()
+            for m, gr in enumerate(torch.autograd.grad(obj, xs, retain_graph=True, allow_unused=True, materialize_grads=True)):
+                best[m, c] = max(best[m, c], gr.flatten(1).norm(dim=1).max())
+    if official: best[1] = 0
+    return best
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_empirical_lipschitz_fast_path_property(seed):
+    "Random JointModels (MLP / 1- and 3-channel SmallCNN encoders of odd sizes, concat / orth heads, d_feat below and above K,"
+    " M = 2, 3): the per-encoder fast path equals the per-class loop, the generic batched backward and itself in chunks."
+    from unittest import mock
+    import crmt_nb.bounds as bd
+    g = torch.Generator().manual_seed(100 + seed)
+    M = 2 + seed % 2
+    pool = [(1, 7, 6), (3, 6, 6), (9,), (5,), (1, 5, 8)]
+    shapes = [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:M]]
+    head, orth = HEADS[seed % 3]
+    K = int(torch.randint(2, 8, (1,), generator=g)); d = int(torch.randint(3, 9, (1,), generator=g))
+    if orth == 'orthonormal': d = max(d, K)
+    m = _model(shapes, K, head, orth, g, d_feat=d)
+    batches = [(_inputs(shapes, B, g), torch.randint(0, K, (B,), generator=g)) for B in (3, 5)]
+    assert bd._per_encoder(m) and all(bd._transpose_program(e, x) is not None for e, x in zip(m.encoders, batches[0][0]))
+    ref = _loop_reference(m, batches)
+    tau = empirical_lipschitz(m, batches)
+    fct.test_close(tau, ref, eps=1e-5)
+    fct.test_close(empirical_lipschitz(m, batches, class_chunk=1), ref, eps=1e-5)
+    with mock.patch.object(bd, '_per_encoder', lambda mm: False):                  # the generic path agrees
+        fct.test_close(empirical_lipschitz(m, batches), ref, eps=1e-5)
+    fct.test_close(empirical_lipschitz(m, batches, pairs=True), _loop_reference(m, batches, pairs=True), eps=1e-4)
+    if M == 2:
+        off = empirical_lipschitz(m, batches, official=True)
+        fct.test_close(off, _official_reference(m, batches), eps=1e-5)
+        fct.test_close(off, _autograd_loop(m, batches, official=True), eps=1e-5)
+
+
+def test_empirical_lipschitz_fallbacks():
+    "An encoder that is not piecewise linear (Tanh) uses autograd per encoder; the MMT (joint features) the generic path."
+    import crmt_nb.bounds as bd
+    from crmt_nb.models import small_mmt
+    g = torch.Generator().manual_seed(7)
+    enc = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.ReLU())
+    m = JointModel([enc, SmallCNN(1, 5, width=3)], [5, 5], 4, head='orth')
+    _randomise_bn(m, g)
+    with torch.no_grad(): m.a.normal_(generator=g)
+    batches = [(_inputs([(6,), (1, 6, 6)], 4, g), None)]
+    assert bd._transpose_program(enc, batches[0][0][0]) is None
+    fct.test_close(empirical_lipschitz(m, batches), _loop_reference(m, batches), eps=1e-5)
+    fct.test_close(empirical_lipschitz(m, batches, pairs=True), _loop_reference(m, batches, pairs=True), eps=1e-4)
+    fct.test_close(empirical_lipschitz(m, batches, official=True), _official_reference(m, batches), eps=1e-5)
+    mmt = small_mmt([(1, 8, 8), (8,)], 3).eval()
+    assert not bd._per_encoder(mmt)
+    b2 = [(_inputs([(1, 8, 8), (8,)], 3, g), None)]
+    fct.test_close(empirical_lipschitz(mmt, b2), _autograd_loop(mmt, b2), eps=1e-5)
+
+
+
 def test_paper_resnet_encoders_sound():
     "The paper's ResNet-18 encoders of crmt_nb.paper_models (normalise, per-frame trunk, pool) get a finite sound bound."
     import crmt_nb.paper_models as cm
