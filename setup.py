@@ -36,7 +36,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=[lib_path, lib_path + '.*']),
     include_package_data=True,
-    package_data={lib_path: ['assets/*.npz', 'assets/*.md']},
+    package_data={lib_path: ['assets/*.npz', 'assets/*.md', 'assets/*.csv']},
     install_requires=requirements,
     extras_require={'dev': dev_requirements, 'ray': ray_requirements},
     dependency_links=cfg.get('dep_links', '').split(),

@@ -400,7 +400,8 @@ def reproduce(profile: str = 'mini', only: str | None = None, workers: int = 1, 
         else: jobs.append(_job(e, prof.name, out, data_root, device, params, force, int(workers)))
     if executor == 'ray':
         from crmt_nb.ray_executor import run_ray, describe
-        statuses |= run_ray(jobs, out, device, log, address=address, live=Live(progress)); ran_by = describe(address)
+        statuses |= run_ray(jobs, out, device, log, address=address, live=Live(progress))
+        ran_by = describe(address, device) if jobs else 'Ray (nothing to run: every notebook was up to date)'
     else: statuses |= _run_batch(jobs, int(workers), log, Live(progress)); ran_by = f'local process pool ({int(workers)} worker(s))'
     report = write_report(out, prof.name, [statuses[e.name] for e in exps], exps, executor=ran_by)
     if figures: _copy_figures(exps, out, figures)
