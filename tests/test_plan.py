@@ -36,7 +36,7 @@ def _needs(out: Path, names) -> dict:
     return {n.key: n for name in names for n in read_plan(out / name)['needs']}
 
 def test_plan_lists_each_model_once_and_trains_nothing(tmp_path):
-    names = ['crmt_fig1_fig4', 'crmt_fig3_vulnerability', 'soe_fig2_collaboration_ablation']
+    names = ['crmt_fig1_fig4', 'crmt_fig3_vulnerability']      # they share models (SoE needs: the paper-dry test)
     r = _plan(tmp_path, '--profile', 'smoke', '--only', ','.join(names), '--out', 'p')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / 'p'
