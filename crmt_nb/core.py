@@ -231,6 +231,7 @@ def _cached(p: Path) -> dict | None:
 
 class ModelCache:
     "Checkpoints keyed by (dataset, method, config hash, seed) under `root`."
+    watchers: list = []   # callables told the path of every request (crmt_nb.plan checks them against the declared needs)
     def __init__(self, root: str | Path): self.root = Path(root)
     def path(self, dataset: str, method: str, config: dict, seed: int) -> Path:
         for name, v in (('dataset', dataset), ('method', method)):
@@ -239,6 +240,7 @@ class ModelCache:
     def get_or_train(self, dataset: str, method: str, config: dict, seed: int, train: Callable[[], dict]) -> dict:
         "Load the checkpoint if cached (an unreadable one is retrained), else call `train()` (a checkpoint dict) once and save it."
         p = self.path(dataset, method, config, seed)
+        for watch in ModelCache.watchers: watch(p)
         if (ck := _cached(p)) is not None: return ck
         with file_lock(p.with_suffix('.lock')):
             if (ck := _cached(p)) is not None: return ck   # trained by another process while we waited

@@ -104,7 +104,7 @@ def train_model(splits, cfg: dict, seed: int = 0, device='auto', ckpt_dir=None, 
     return Trained(model, method, h, cfg, last=last)
 
 # %% ../nbs/08a_experiment.ipynb #62669613
-NOT_TRAINING_CODE = ('__init__', '_modidx', 'reproduce', 'paper', 'prep', 'evaluate')
+NOT_TRAINING_CODE = ('__init__', '_modidx', 'reproduce', 'paper', 'prep', 'evaluate', 'plan', 'ray_executor')
 
 def training_code_hash() -> str:
     "Hash of the library source that can change a trained model (all modules but the report/evaluation ones)."

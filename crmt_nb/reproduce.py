@@ -220,7 +220,9 @@ def _child(job: dict, conn):
     os.environ.setdefault('OMP_NUM_THREADS', str(job.pop('threads')))   # the kernel's torch threads: cores / workers
     fd = os.open(job.pop('log_file'), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1); os.dup2(fd, 2)
-    try: st = run_experiment(**job, log=lambda s: print(s, flush=True))
+    os.environ.setdefault('CRMT_STRICT_NEEDS', '1')    # a model request the notebook did not declare fails it (crmt_nb.plan)
+    fn = job.pop('fn', run_experiment)                 # or crmt_nb.plan.plan_experiment: the notebook in plan mode
+    try: st = fn(**job, log=lambda s: print(s, flush=True))
     except Exception as e: st = dict(name=job['exp'].name, status='failed', seconds=0.0, error=error_line(e))
     conn.send(st)
 
@@ -275,6 +277,7 @@ def _status_line(st: dict, out: Path) -> str:
     name = st['name']
     if st['status'] == 'skipped': return f'[skip] {name}: up to date'
     if st['status'] == 'done': return f"[done] {name} in {st['seconds']:.1f} s"
+    if st['status'] == 'planned': return f"[plan] {name}: {st.get('needs', '?')} need(s)"
     nb, logf = out / name / f'{name}.failed.ipynb', out / name / f'{name}.log'
     return f"[FAIL] {name}: {st.get('error', '')} — see {nb if nb.exists() else logf}"
 
@@ -327,8 +330,8 @@ def _section(out: Path, e: Experiment, s: dict) -> list[str]:
     return lines
 
 # %% ../nbs/11_reproduce.ipynb #203e6abf
-def write_report(out, profile: str, statuses: list[dict], experiments=()) -> Path:
-    "`out/report.md`: this batch's statuses, plus the sections earlier batches left in `out` (their times kept)."
+def write_report(out, profile: str, statuses: list[dict], experiments=(), executor: str = 'local process pool') -> Path:
+    "`out/report.md`: this batch's statuses (and the executor that ran them), plus the sections earlier batches left in `out`."
     out = Path(out); st = {s['name']: s for s in statuses}
     exps = {**EXPERIMENTS, **{e.name: e for e in experiments}}
     for n in exps:
@@ -337,7 +340,7 @@ def write_report(out, profile: str, statuses: list[dict], experiments=()) -> Pat
     bad = [n for n in st if st[n]['status'].startswith('failed')]
     lines = [f'# crmt_nb reproduction report — profile `{profile}`', '', f'{get_profile(profile).description}. '
              'Numbers labelled *paper* are the papers\' claims (`crmt_nb.paper.reported`); every other number was '
-             'measured by the notebook named in its section.', '']
+             'measured by the notebook named in its section.', '', f'Executor of this batch: {executor}.', '']
     if get_profile(profile).name == 'smoke': lines += [SMOKE_NOTE, '']
     if bad: lines += [f"**{len(bad)} failed:** " + '; '.join(f"`{n}` ({st[n].get('error', '')})" for n in bad), '']
     lines += ['| experiment | reproduces | status | seconds |', '|---|---|---|---|']
@@ -377,25 +380,43 @@ def _longest_first(exps: list[Experiment], out: Path) -> list[Experiment]:
 # %% ../nbs/11_reproduce.ipynb #4bc39f08
 def reproduce(profile: str = 'mini', only: str | None = None, workers: int = 1, out=None, data_root=None,
               device: str = 'auto', params: dict | None = None, force: bool = False, figures=None,
-              on_error: str = 'raise', experiments=None, log=print, progress: bool = True) -> Path:
-    "Run the experiment notebooks with `profile`, a process per notebook; write and return `report.md`."
+              on_error: str = 'raise', experiments=None, log=print, progress: bool = True, plan: bool = False,
+              executor: str = 'local', address: str | None = None) -> Path:
+    """Run the experiment notebooks with `profile`, a process per notebook (`executor='local'`), or on a Ray cluster
+    (`'ray'`: the declared models first, then the notebooks, as Ray tasks); write and return `report.md`.
+    `plan=True`: only plan them (train nothing); print and return `plan.md`."""
     prof = _check_batch(profile, workers, data_root, on_error)
+    if executor not in ('local', 'ray'): raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if executor == 'ray': from crmt_nb.ray_executor import ray_module; ray_module()   # fails now, naming the extra, if Ray is missing
     exps = list(experiments) if experiments is not None else select(only)
     out = run_dir(prof.name, out).resolve(); remove_stale_tmp(out, older_than=600)
     params = {'on_error': on_error, **(params or {})}
+    if plan: return _plan(exps, prof.name, out, data_root, device, params, workers, force, log, executor, address)
     statuses, jobs = {}, []
     for e in _longest_first(exps, out):
         stamp = _stamp(e, experiment_parameters(prof.name, out / e.name, data_root, device, params))
         if not force and (rec := finished(out / e.name, e.name, stamp)):
             statuses[e.name] = st = dict(name=e.name, status='skipped', seconds=rec['seconds']); log(_status_line(st, out))
         else: jobs.append(_job(e, prof.name, out, data_root, device, params, force, int(workers)))
-    statuses |= _run_batch(jobs, int(workers), log, Live(progress))
-    report = write_report(out, prof.name, [statuses[e.name] for e in exps], exps)
+    if executor == 'ray':
+        from crmt_nb.ray_executor import run_ray, describe
+        statuses |= run_ray(jobs, out, device, log, address=address, live=Live(progress))
+        ran_by = describe(address, device) if jobs else 'Ray (nothing to run: every notebook was up to date)'
+    else: statuses |= _run_batch(jobs, int(workers), log, Live(progress)); ran_by = f'local process pool ({int(workers)} worker(s))'
+    report = write_report(out, prof.name, [statuses[e.name] for e in exps], exps, executor=ran_by)
     if figures: _copy_figures(exps, out, figures)
     log(f'report: {report}')
     bad = [e.name for e in exps if statuses[e.name]['status'] == 'failed']
     if bad: raise RuntimeError(f"{len(bad)} experiment(s) failed: {', '.join(bad)}; see {report}")
     return report
+
+def _plan(exps, profile, out: Path, data_root, device, params, workers, force, log, executor, address) -> Path:
+    "`--plan`: the notebooks in plan mode, then their needs (each once, the notebooks using it) and the estimated cost."
+    from crmt_nb.plan import plan_batch, plan_text
+    text = plan_text(plan_batch(exps, profile, out, data_root, device, params, workers, force, log, executor, address), profile)
+    with atomic_path(out / 'plan.md') as tmp: tmp.write_text(text)
+    log(text); log(f'plan: {out / "plan.md"}')
+    return out / 'plan.md'
 
 # %% ../nbs/11_reproduce.ipynb #9c3b4ea1
 def _copy_figures(exps, out: Path, figures):
@@ -419,6 +440,11 @@ def _parser() -> argparse.ArgumentParser:
     a('--force', action='store_true', help='re-run notebooks whose outputs are up to date')
     a('--figures', help="copy each experiment's PNG into this folder")
     a('--no-progress', dest='progress', action='store_false', help='no live progress lines')
+    a('--plan', action='store_true', help='list the models (and transfer banks) the notebooks declare, each once with '
+      'the notebooks using it, and their estimated training cost; trains nothing')
+    a('--executor', choices=('local', 'ray'), default='local',
+      help="local: a process pool (default); ray: the models, then the notebooks, as Ray tasks (pip install 'crmt_nb[ray]')")
+    a('--address', help='the Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray started here)')
     return ap
 
 # %% ../nbs/11_reproduce.ipynb #6a08cb20
@@ -433,4 +459,4 @@ def reproduce_cli(argv=None):
     except KeyboardInterrupt:
         print('crmt-reproduce: interrupted — finished notebooks and trained models are kept; '
               'run the same command again to resume', file=sys.stderr); sys.exit(130)
-    except (ValueError, RuntimeError, FileNotFoundError) as e: sys.exit(f'crmt-reproduce: {e}')
+    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as e: sys.exit(f'crmt-reproduce: {e}')

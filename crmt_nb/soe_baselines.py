@@ -14,7 +14,8 @@ from .soe_training import TrainAttack, SOE_METHODS, per_model_ce
 
 # %% auto #0
 __all__ = ['SOE_PROFILES', 'SOE_EVAL', 'Ensemble', 'gal_loss', 'GAL', 'adp_loss', 'ADP', 'distill', 'dverge_loss', 'DVERGE',
-           'more_gate', 'MoRE', 'soe_config', 'soe_trained', 'soe_eval', 'soe_trained_at']
+           'more_gate', 'MoRE', 'soe_config', 'soe_key', 'soe_trained', 'soe_eval', 'soe_overrides_at',
+           'soe_trained_at']
 
 # %% ../nbs/09b_soe_baselines.ipynb #9a8b0faf
 class Ensemble(TrainAttack, Method):
@@ -125,7 +126,7 @@ SOE_METHODS.update({f.name: f for f in [
     MethodFactory('GAL', GAL), MethodFactory('ADP', ADP), MethodFactory('DVERGE', DVERGE), MethodFactory('MoRE', MoRE)]})
 
 # %% ../nbs/09b_soe_baselines.ipynb #207f8967
-import copy
+import copy, shutil
 from pathlib import Path
 import pandas as pd
 from .core import ModelCache, get_profile, get_device
@@ -161,14 +162,20 @@ def soe_config(profile, method: str = 'SoE', **overrides) -> dict:
     return cfg
 
 # %% ../nbs/09b_soe_baselines.ipynb #8eb28b96
-def soe_trained(run, method: str = 'SoE', seed: int = 0, progress: bool = False, **overrides) -> Trained:
-    "The model of (run data, method, `soe_config`, seed) from `run.root/models`, trained once with `soe_fit`; eval mode."
+def soe_key(run, method: str = 'SoE', **overrides) -> tuple[dict, dict, dict]:
+    "(config, architecture, cache key) of the model `soe_trained(run, method, seed, **overrides)` returns."
     splits, cfg = run.splits, soe_config(run.profile, method, **overrides)
     in_ch = splits.shapes[0][0]
     arch = dict(depth=cfg['depth'], n_experts=cfg['n_experts'], in_ch=in_ch, n_classes=splits.n_classes,
                 widths=tuple(cfg['widths']), input_pool=cfg['input_pool'],
                 mean=CIFAR_MEAN if in_ch == 3 else (0.5,) * in_ch, std=CIFAR_STD if in_ch == 3 else (0.5,) * in_ch)
-    key = cache_key(cfg, splits, arch=arch)
+    return cfg, arch, cache_key(cfg, splits, arch=arch)
+
+def soe_trained(run, method: str = 'SoE', seed: int = 0, progress: bool = False, **overrides) -> Trained:
+    "The model of (run data, method, `soe_config`, seed) from `run.root/models`, trained once with `soe_fit` (resumable); eval mode."
+    splits, (cfg, arch, key) = run.splits, soe_key(run, method, **overrides)
+    cache = ModelCache(Path(run.root) / 'models')
+    path = cache.path(splits.name, method, key, seed)
     def make():
         m = SOE_METHODS[method](**cfg['options']); return m, build_soe(m, **arch)
     def train():
@@ -176,9 +183,10 @@ def soe_trained(run, method: str = 'SoE', seed: int = 0, progress: bool = False,
         t = soe_fit(lambda: build_soe(m, **arch), m, splits, cfg['epochs'], lr=cfg['lr'], weight_decay=cfg['weight_decay'],
                     optimizer=cfg['optimizer'], milestones=cfg['milestones'], batch_size=cfg['batch_size'],
                     max_train=cfg['max_train'], seed=seed, device=run.device, threads=cfg['threads'], progress=progress,
-                    test=False)
+                    test=False, ckpt_dir=path.with_suffix('.ckpt'))
         return {'model': t.model.state_dict(), 'history': t.history.to_dict('list'), 'config': cfg}
-    ck = ModelCache(Path(run.root) / 'models').get_or_train(splits.name, method, key, seed, train)
+    ck = cache.get_or_train(splits.name, method, key, seed, train)
+    if path.exists() and path.with_suffix('.ckpt').exists(): shutil.rmtree(path.with_suffix('.ckpt'), ignore_errors=True)
     m, model = make(); model.load_state_dict(ck['model'])
     return Trained(model.to(get_device(run.device)).eval(), m, pd.DataFrame(ck['history']), cfg)
 
@@ -203,10 +211,14 @@ def soe_eval(profile, **overrides) -> dict:
     return {**SOE_EVAL[name], **overrides}
 
 # %% ../nbs/09b_soe_baselines.ipynb #dd5a02e9
-def soe_trained_at(run, method: str, eps: float, seed: int = 0, per_eps: bool | None = None, **overrides) -> Trained:
-    "The model evaluated at ε: trained at ε_train = ε when `per_eps` (the paper), else at the profile's ε_train (budget mode)."
+def soe_overrides_at(run, method: str, eps: float, per_eps: bool | None = None, **overrides) -> dict:
+    "The `soe_trained` overrides of the model evaluated at ε: ε_train = ε when `per_eps` (the paper) and the method is adversarial."
     per_eps = soe_eval(run.profile)['per_eps'] if per_eps is None else per_eps
     adversarial = 'eps' in soe_config(run.profile, method, **overrides)['options']
     if per_eps and adversarial:
         overrides = {**overrides, 'options': {**overrides.get('options', {}), 'eps': float(eps)}}
-    return soe_trained(run, method, seed, **overrides)
+    return overrides
+
+def soe_trained_at(run, method: str, eps: float, seed: int = 0, per_eps: bool | None = None, **overrides) -> Trained:
+    "The model evaluated at ε: trained at ε_train = ε when `per_eps` (the paper), else at the profile's ε_train (budget mode)."
+    return soe_trained(run, method, seed, **soe_overrides_at(run, method, eps, per_eps, **overrides))

@@ -128,8 +128,8 @@ def on_epoch_end(self: SoE, ctx) -> dict:
 def soe_fit(build: Callable[[], nn.Module], method: Method, splits, epochs: int, *, lr: float = 0.1, momentum: float = 0.9,
             weight_decay: float = 1e-4, optimizer: str = 'sgd', milestones=None, gamma: float = 0.1, batch_size: int = 128,
             max_train: int | None = None, seed: int = 0, device='auto', threads: int | None = 1, init_from: dict | None = None,
-            progress: bool = False, test: bool = True) -> Trained:
-    "Train `build()` with `method` reproducibly from `seed` (model built after seeding): SGD/Adam + MultiStepLR, keep the last epoch."
+            progress: bool = False, test: bool = True, ckpt_dir=None) -> Trained:
+    "Train `build()` with `method` reproducibly from `seed` (model built after seeding): SGD/Adam + MultiStepLR, keep the last epoch; `ckpt_dir`: per-epoch checkpoints, resumed from."
     device = get_device(device)
     with num_threads(threads if device.type == 'cpu' else None):
         g = seed_everything(seed)
@@ -141,7 +141,8 @@ def soe_fit(build: Callable[[], nn.Module], method: Method, splits, epochs: int,
         ms = list(milestones) if milestones is not None else [epochs // 2, (3 * epochs) // 4]
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, sorted({m for m in ms if m > 0}), gamma)
         h = fit(model, method, tr, va, epochs=epochs, optimizer=opt, scheduler=sched, device=device,
-                test_dl=te if test else None, select_on='last', seed=seed, progress=progress)
+                test_dl=te if test else None, select_on='last', seed=seed, progress=progress, ckpt_dir=ckpt_dir,
+                resume=ckpt_dir is not None)
     return Trained(model, method, h, {'epochs': epochs, 'lr': lr, 'optimizer': optimizer, 'milestones': ms, 'seed': seed})
 
 # %% ../nbs/09a_soe_training.ipynb #0aff8d97

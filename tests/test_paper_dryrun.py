@@ -84,6 +84,8 @@ def test_every_notebook_runs_on_the_paper_code_path(dry_run):
         assert len(df) and df['value'].notna().all(), name
         stamp = json.loads((d / '.stamp.json').read_text())
         fct.test_eq(stamp['parameters']['profile'], 'paper-dry')
+        rec = json.loads((d / '.needs.json').read_text())      # every model-cache request was declared (crmt_nb.plan)
+        assert set(rec['requested']) <= set(rec['declared']), (name, set(rec['requested']) - set(rec['declared']))
     report = (out / 'report.md').read_text()
     assert 'profile `paper-dry`' in report and '**failed' not in report.lower()
     print('\npaper-dry seconds per notebook (first run; a rerun of the failed ones after the repair):')

@@ -180,6 +180,12 @@ def test_smoke_batch_of_every_notebook_under_load(tmp_path):
         assert (d / f'{name}.ipynb').exists() and (d / f'{name}.csv').exists() and (d / f'{name}.png').exists(), name
         assert not (d / f'{name}.failed.ipynb').exists()
         assert pd.read_csv(d / f'{name}.csv')['value'].notna().all()
+    unused = {}
+    for name in EXPERIMENTS:     # what each notebook asked the model cache for (crmt_nb.plan's watcher): all declared
+        rec = json.loads((run / name / '.needs.json').read_text())
+        assert set(rec['requested']) <= set(rec['declared']), f"{name} requested undeclared {set(rec['requested']) - set(rec['declared'])}"
+        if left := set(rec['declared']) - set(rec['requested']): unused[name] = sorted(left)
+    print('\ndeclared but not requested (smoke):', unused or 'none')
     assert not [q for q in run.rglob('runs') if q.is_dir()], 'a runs/ folder nested inside an experiment folder'
     assert not list(run.rglob('.*.tmp*')), 'temporary files left behind'
     assert '[....]' in err and 'cell ' in err, 'no live progress lines'

@@ -94,3 +94,25 @@ def test_more_mixture_and_ensemble_loss():
 def test_registry_has_every_method():
     assert {'SoE', 'SoE-sub', 'SoE-std', 'SoE-official', 'Ensemble', 'Ensemble-std', 'GAL', 'ADP', 'DVERGE', 'MoRE'} <= set(SOE_METHODS)
     assert SOE_METHODS['GAL'].cls.leaky and not SOE_METHODS['DVERGE']().adversarial and SOE_METHODS['SoE-official']().official
+
+@pytest.mark.parametrize('method', ['SoE', 'DVERGE'])
+def test_soe_trained_resumes_a_killed_training_to_the_same_weights(method, tmp_path, monkeypatch):
+    "soe_trained checkpoints every epoch: stopped after epoch 1 of 2 and called again, it ends where an unbroken run ends."
+    from pathlib import Path
+    from types import SimpleNamespace
+    from crmt_nb.core import get_profile
+    from crmt_nb.data import mnist5k
+    from crmt_nb import train as T
+    from crmt_nb.soe_baselines import soe_trained
+    run = lambda d: SimpleNamespace(splits=mnist5k(), profile=get_profile('smoke'), device='cpu', root=Path(d))
+    whole = soe_trained(run(tmp_path / 'a'), method, 0)
+    save_last, epochs = T._Fit.save_last, []
+    def stop_after_first(self, *a):
+        save_last(self, *a); epochs.append(a[-2])
+        if len(epochs) == 1: raise KeyboardInterrupt('killed')
+    monkeypatch.setattr(T._Fit, 'save_last', stop_after_first)
+    with pytest.raises(KeyboardInterrupt): soe_trained(run(tmp_path / 'b'), method, 0)
+    resumed = soe_trained(run(tmp_path / 'b'), method, 0)
+    assert epochs == [1, 2], 'the second call trains epoch 2 only'
+    for (k, v), w in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()): assert torch.equal(v, w), k
+    assert not list((tmp_path / 'b').rglob('*.ckpt')), 'the checkpoints go once the model is saved'
