@@ -11,7 +11,8 @@ from . import core
 from .models import logits_of
 
 # %% auto #0
-__all__ = ['attack_loss', 'fgm', 'pgd_l2', 'drop_modality', 'pgd_linf', 'square_p', 'square_linf', 'robust_accuracy']
+__all__ = ['attack_loss', 'CleanParts', 'fgm', 'pgd_l2', 'drop_modality', 'pgd_linf', 'square_p', 'square_linf',
+           'robust_accuracy']
 
 # %% ../nbs/05_attacks.ipynb #9403f40c
 _TINY = 1e-12    # floor of every norm we divide by: a zero gradient gives a zero step, never 0/0 = NaN
@@ -207,6 +208,49 @@ def _setup(xs, y, eps, modalities, boxes):
     _check_in_box(xs, boxes, att)
     return xs, single, y, joint, e, att, boxes
 
+# %% ../nbs/05_attacks.ipynb #ad517e54
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    "`a` surely holds `b`'s values: the same memory and layout, unchanged since (a shared version counter), no grad wanted."
+    return (not a.requires_grad and a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.data_ptr() == b.data_ptr() and a._version == b._version)
+
+def _training(model) -> bool:
+    "Is any sub-module of `model` in train mode (batch statistics, dropout: nothing may be reused)?"
+    return isinstance(model, nn.Module) and any(m.training for m in model.modules())
+
+# %% ../nbs/05_attacks.ipynb #b18a8b08
+class CleanParts(nn.Module):
+    "`model` on one clean batch `xs`: the parts of untouched clean modalities and the clean-point gradient, computed once."
+    def __init__(self, model, xs):
+        super().__init__()
+        self.model, self.xs = model, tuple(x.detach() for x in xs)
+        split = getattr(model, 'modal_parts', None)
+        self.split = split() if callable(split) else None    # (embed, head) or None
+        self._parts, self._grads = {}, {}
+    def forward(self, *xs):
+        "Exactly `model(*xs)`; a clean modality passed as itself uses its stored part."
+        if len(xs) == 1 and isinstance(xs[0], (tuple, list)): xs = tuple(xs[0])
+        if self.split is None or len(xs) != len(self.xs) or _training(self.model): return self.model(*xs)
+        embed, head = self.split
+        return head(tuple(self.part(m) if _same(x, self.xs[m]) else embed(x, m) for m, x in enumerate(xs)))
+    def part(self, m: int):
+        "embed(x^(m), m) of the clean batch, computed on first use (without a graph)."
+        if m not in self._parts:
+            with torch.no_grad(): self._parts[m] = self.split[0](self.xs[m], m)
+        return self._parts[m]
+    def clean_grad(self, att, y, loss: str = 'ce') -> tuple:
+        "`_grad` at the clean batch w.r.t. the modalities `att`, computed once per (att, y, loss) (in eval mode)."
+        key, train = (tuple(att), loss), _training(self.model)
+        if not train and (hit := self._grads.get(key)) is not None and _same(y, hit[0]): return hit[1]
+        with torch.enable_grad(): _, g = _grad(self, self.xs, list(att), [self.xs[m] for m in att], y, loss)
+        if not train: self._grads[key] = (y, g)
+        return g
+
+def _clean_grad(model, full, att, y, loss):
+    "The memoised clean-point gradient if `model` is a `CleanParts` of this very batch `full`, else None."
+    if not isinstance(model, CleanParts) or len(full) != len(model.xs): return None
+    return model.clean_grad(att, y, loss) if all(_same(a, b) for a, b in zip(full, model.xs)) else None
+
 # %% ../nbs/05_attacks.ipynb #ff62eb47
 def fgm(model, xs, y, eps, modalities=None, boxes=None, loss: str = 'ce', eval_mode: bool = True):
     "Fast gradient method in l2: x + ε·g/‖g‖ (joint normalisation for a float `eps`, per modality for a sequence), clamped."
@@ -214,15 +258,18 @@ def fgm(model, xs, y, eps, modalities=None, boxes=None, loss: str = 'ce', eval_m
     full = tuple(x.detach() for x in xs)
     if not att: return _unpack(full, single)
     x0 = [full[m] for m in att]
-    with _mode(model, eval_mode), torch.enable_grad(): _, g = _grad(model, full, att, x0, y, loss)
+    with _mode(model, eval_mode), torch.enable_grad():
+        g = _clean_grad(model, full, att, y, loss)                 # shared with PGD's first step (`CleanParts`)
+        if g is None: _, g = _grad(model, full, att, x0, y, loss)
     with torch.no_grad():
         d = _ascend(x0, x0, g, e, joint)
         return _unpack(_merge(full, att, [_clamp(x + t, boxes[m]) for m, x, t in zip(att, x0, d)]), single)
 
 # %% ../nbs/05_attacks.ipynb #012aebbc
-def _l2_iteration(model, full, att, x0, xa, y, loss, alpha, eps, joint: bool, boxes):
-    "x_{t+1} = clip_box(x + Π_ε(x_t + α g/‖g‖ − x)) for the attacked modalities."
-    with torch.enable_grad(): xa, g = _grad(model, full, att, xa, y, loss)
+def _l2_iteration(model, full, att, x0, xa, y, loss, alpha, eps, joint: bool, boxes, g=None):
+    "x_{t+1} = clip_box(x + Π_ε(x_t + α g/‖g‖ − x)) for the attacked modalities (`g`: the gradient at x_t, if known)."
+    if g is None:
+        with torch.enable_grad(): xa, g = _grad(model, full, att, xa, y, loss)
     with torch.no_grad():
         d = _project_l2(_ascend(xa, x0, g, alpha, joint), eps, joint)
         return [_clamp(x + t, b) for x, t, b in zip(x0, d, boxes)]
@@ -235,12 +282,15 @@ def pgd_l2(model, xs, y, eps, steps: int = 10, alpha=None, modalities=None, boxe
     steps = _steps(steps); al = _alphas(alpha, joint, e, steps, len(xs))
     full = tuple(x.detach() for x in xs)
     if not att: return _unpack(full, single)
+    if len(att) < len(full) and not isinstance(model, CleanParts) and callable(getattr(model, 'modal_parts', None)):
+        model = CleanParts(model, full)                            # the untouched modalities once, not once per step
     x0, bx = [full[m] for m in att], [boxes[m] for m in att]
     ea, aa = (e, al) if joint else ([e[m] for m in att], [al[m] for m in att])
     with torch.no_grad():
         xa = [_clamp(x + t, b) for x, t, b in zip(x0, _l2_start(x0, ea, joint, generator), bx)] if random_start else list(x0)
     with _mode(model, eval_mode):
-        for _ in range(steps): xa = _l2_iteration(model, full, att, x0, xa, y, loss, aa, ea, joint, bx)
+        g0 = None if random_start or not steps else _clean_grad(model, full, att, y, loss)   # shared across radii
+        for i in range(steps): xa = _l2_iteration(model, full, att, x0, xa, y, loss, aa, ea, joint, bx, g0 if i == 0 else None)
     return _unpack(_merge(full, att, [t.detach() for t in xa]), single)
 
 # %% ../nbs/05_attacks.ipynb #d4c6008c

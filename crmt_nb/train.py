@@ -12,10 +12,11 @@ import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as 
 from fastcore.basics import patch_to
 from tqdm.std import tqdm   # text bars: they show in executed notebooks and logs too
 from .core import get_device, autocast, cuda_paths, to_device, seed_everything, eval_mode, Profile, save_torch, load_torch
-from .models import logits_of, MMOutput
+from .models import logits_of, MMOutput, JointModel
 
 # %% auto #0
-__all__ = ['Context', 'Method', 'accuracy', 'loaders', 'loader_generator', 'stages_of', 'fit', 'Predictor', 'Trained']
+__all__ = ['Context', 'Method', 'joint_parts', 'accuracy', 'loaders', 'loader_generator', 'stages_of', 'fit', 'Predictor',
+           'Trained']
 
 # %% ../nbs/06_train.ipynb #a917f388
 @dataclass
@@ -78,11 +79,21 @@ class Method:
     def predict(self, model, xs) -> torch.Tensor:
         "Evaluation-time logits (a defence such as ExFM overrides this)."
         return logits_of(model(xs))
+    def modal_parts(self, model):
+        "`predict` as (embed, head): head(embed(x^(m), m) for every m), each embed of one modality alone; None if not so."
+        return joint_parts(model) if type(self).predict is Method.predict else None
     def next_stage(self) -> 'Method | None': return None
     def make_optimizer(self, model) -> torch.optim.Optimizer:
         raise NotImplementedError(f'{self.name} is a first stage: pass an optimizer to fit')
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, sd: dict): pass
+
+# %% ../nbs/06_train.ipynb #ee0bbc57
+def joint_parts(model):
+    "(embed, head) of a `JointModel` whose modalities meet only in its head: x ↦ φ^(m)(x), feats ↦ fuse(feats).logits; else None."
+    if not isinstance(model, JointModel) or any(getattr(type(model), k) is not getattr(JointModel, k) for k in ('forward', 'features', 'fuse')):
+        return None
+    return (lambda x, m: model.encoders[m](x)), (lambda feats: model.fuse(feats).logits)
 
 # %% ../nbs/06_train.ipynb #d3217f90
 def _prep(xs, device):
@@ -377,6 +388,7 @@ class Predictor(nn.Module):
     def forward(self, *xs):
         if len(xs) == 1 and isinstance(xs[0], (tuple, list)): xs = tuple(xs[0])
         return self.method.predict(self.model, xs)
+    def modal_parts(self): return self.method.modal_parts(self.model)
 
 # %% ../nbs/06_train.ipynb #9faa03bc
 @dataclass
