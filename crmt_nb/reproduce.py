@@ -14,9 +14,9 @@ from .core import (get_profile, run_dir, atomic_path, content_hash, library_hash
                           PROFILES)
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'RESULT_COLUMNS', 'SMOKE_NOTE', 'experiments_dir', 'Experiment', 'select', 'save_results',
-           'save_figure', 'save_summary', 'markdown_table', 'experiment_parameters', 'finished', 'error_line',
-           'run_experiment', 'Live', 'write_report', 'reproduce', 'reproduce_cli']
+__all__ = ['EXPERIMENTS', 'RESULT_COLUMNS', 'SMOKE_NOTE', 'NOTEBOOK_SECONDS', 'experiments_dir', 'Experiment', 'select',
+           'save_results', 'save_figure', 'save_summary', 'markdown_table', 'experiment_parameters', 'finished',
+           'error_line', 'run_experiment', 'Live', 'write_report', 'shipped_seconds', 'reproduce', 'reproduce_cli']
 
 # %% ../nbs/11_reproduce.ipynb #c7ea8a16
 def experiments_dir() -> Path:
@@ -369,12 +369,24 @@ def _job(e: Experiment, profile: str, out: Path, data_root, device, params, forc
                 progress_file=str(d / '.progress.json'), log_file=str(d / f'{e.name}.log'),
                 threads=max(1, (os.cpu_count() or 1) // workers))
 
+# %% ../nbs/11_reproduce.ipynb #04e0539f
+import importlib.resources
+NOTEBOOK_SECONDS = Path(str(importlib.resources.files('crmt_nb'))) / 'assets' / 'notebook_seconds.csv'
+
+def shipped_seconds(profile: str) -> dict[str, float]:
+    "Per-notebook wall seconds of a `profile` batch measured on this project's machine (`assets/notebook_seconds.csv`)."
+    if not NOTEBOOK_SECONDS.exists(): return {}
+    t = pd.read_csv(NOTEBOOK_SECONDS)
+    return dict(zip(t.notebook[t.profile == profile], t.seconds[t.profile == profile].astype(float)))
+
 # %% ../nbs/11_reproduce.ipynb #c38634d9
-def _longest_first(exps: list[Experiment], out: Path) -> list[Experiment]:
-    "Schedule by the last measured time, longest (or never measured) first, so no long notebook starts last."
+def _longest_first(exps: list[Experiment], out: Path, profile: str = 'mini') -> list[Experiment]:
+    """Longest first, so no long notebook starts last: by this batch's last measured time, else the shipped time of
+    `profile` (a fresh clone), else first (never measured)."""
+    shipped = shipped_seconds(profile)
     def last(e):
         try: return json.loads((out / e.name / '.stamp.json').read_text())['seconds']
-        except (OSError, ValueError, KeyError): return float('inf')
+        except (OSError, ValueError, KeyError): return shipped.get(e.name, float('inf'))
     return sorted(exps, key=lambda e: -last(e))
 
 # %% ../nbs/11_reproduce.ipynb #4bc39f08
@@ -393,7 +405,7 @@ def reproduce(profile: str = 'mini', only: str | None = None, workers: int = 1, 
     params = {'on_error': on_error, **(params or {})}
     if plan: return _plan(exps, prof.name, out, data_root, device, params, workers, force, log, executor, address)
     statuses, jobs = {}, []
-    for e in _longest_first(exps, out):
+    for e in _longest_first(exps, out, prof.name):
         stamp = _stamp(e, experiment_parameters(prof.name, out / e.name, data_root, device, params))
         if not force and (rec := finished(out / e.name, e.name, stamp)):
             statuses[e.name] = st = dict(name=e.name, status='skipped', seconds=rec['seconds']); log(_status_line(st, out))
