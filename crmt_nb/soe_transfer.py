@@ -4,11 +4,12 @@
 
 # %% ../nbs/09d_soe_transfer.ipynb #b6f320ca
 from __future__ import annotations
-import multiprocessing
+import multiprocessing, time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+import pandas as pd
 import torch
 from .core import ModelCache, get_device, num_threads
 from .train import Trained
@@ -18,7 +19,7 @@ from .soe_attacks import TRANSFER_VARIANTS, transfer_sets, transfer_robust, eval
 
 # %% auto #0
 __all__ = ['SURROGATE_SEED', 'SMALL_VARIANTS', 'surrogate', 'eval_batch', 'small_set_names', 'TransferBank', 'transfer_bank',
-           'transfer_accuracy', 'soe_prefetch', 'transfer_results']
+           'transfer_accuracy', 'soe_prefetch', 'transfer_results', 'transfer_experiment', 'mean_sd_table']
 
 # %% ../nbs/09d_soe_transfer.ipynb #5ec8b236
 SURROGATE_SEED = 100
@@ -125,3 +126,22 @@ def transfer_results(run, victims: dict, banks: dict) -> None:
                 acc = transfer_accuracy(soe_trained_at(run, method, eps, seed, **overrides).model, bank)
                 run.results.add(label, 'clean_accuracy', acc['clean'], seed, 'none', eps=eps, **columns)
                 for k, att in bank.attacks.items(): run.results.add(label, 'acc1', acc[k], seed, att, eps=eps, **columns)
+
+# %% ../nbs/09d_soe_transfer.ipynb #fcd19eca
+def transfer_experiment(run, victims: dict, train: list, workers: int | None = None) -> tuple[dict, dict]:
+    """Train the missing `train` models [(method, ε, seed, overrides)] (`soe_prefetch`), craft the bank of every ε of
+    `soe_eval(run.profile)`, add `transfer_results(run, victims, banks)`: (banks {ε: TransferBank}, wall seconds per stage)."""
+    t0 = time.time(); soe_prefetch(run, train, workers)
+    t1 = time.time(); banks = {e: transfer_bank(run, e) for e in soe_eval(run.profile)['eps']}
+    t2 = time.time(); transfer_results(run, victims, banks)
+    return banks, {'train (missing models)': t1 - t0, 'transfer banks': t2 - t1, 'evaluation': time.time() - t2}
+
+# %% ../nbs/09d_soe_transfer.ipynb #edd890bd
+def mean_sd_table(stats: pd.DataFrame, paper_column: str) -> pd.DataFrame:
+    """The side table of a plot-only figure: 'mean ± sd' of `stats` (columns mean, std; index levels ending in eps) as
+    rows × 'ε e' columns, and `paper_column` saying there are no paper numbers to compare."""
+    t = stats.reset_index().assign(value=lambda d: [f'{m:.3f} ± {s:.3f}' for m, s in zip(d['mean'], d['std'])])
+    t = t.pivot_table(index=list(stats.index.names[:-1]), columns='eps', values='value', aggfunc='first')
+    t.columns = [f'ε {e:g}' for e in t.columns]
+    t[paper_column] = 'no paper numbers to compare'
+    return t
