@@ -10,7 +10,7 @@ from .plan import STRICT_ENV, data_file
 from .reproduce import error_line, _status_line, _progress_line
 
 # %% auto #0
-__all__ = ['TEST_ENV', 'ray_module', 'connect', 'resources', 'describe', 'run_notebooks', 'train_needs', 'run_ray']
+__all__ = ['TEST_ENV', 'ray_module', 'connect', 'resources', 'describe', 'node_id', 'run_notebooks', 'train_needs', 'run_ray']
 
 # %% ../nbs/11b_ray.ipynb #f87f43c6
 def ray_module():
@@ -41,6 +41,10 @@ def describe(address: str | None = None, device: str = 'auto') -> str:
 # %% ../nbs/11b_ray.ipynb #034bbf40
 _LOADED: dict = {}
 
+def node_id() -> str:
+    "The Ray node this task runs on (its hex id); logged with each training and kept in each notebook's status."
+    import ray; return ray.get_runtime_context().get_node_id()
+
 def _splits(path) -> object:
     "The pickled `DataSplits` of a plan (written by this batch's `declare`), loaded once per worker."
     if str(path) not in _LOADED: _LOADED[str(path)] = pickle.loads(Path(path).read_bytes())
@@ -51,7 +55,7 @@ def _train(need, root: str, device: str = 'auto', test_dir: str | None = None) -
     if test_dir: _test_hooks(test_dir)
     t0 = time.perf_counter()
     need.train(_splits(data_file(root, need.data)), root, device)
-    return dict(key=need.key, seconds=time.perf_counter() - t0, pid=os.getpid())
+    return dict(key=need.key, seconds=time.perf_counter() - t0, pid=os.getpid(), node=node_id())
 
 def _notebook(job: dict) -> dict:
     "A Ray task: one notebook in this worker process (`job['fn']`: `run_experiment` or `plan_experiment`)."
@@ -59,7 +63,7 @@ def _notebook(job: dict) -> dict:
     job = dict(job); fn = job.pop('fn', run_experiment); job.pop('threads', None)
     os.environ[STRICT_ENV] = '1'
     with open(job.pop('log_file'), 'w') as f:
-        try: return fn(**job, log=lambda s: print(s, file=f, flush=True))
+        try: return {**fn(**job, log=lambda s: print(s, file=f, flush=True)), 'node': node_id()}
         except Exception as e: return dict(name=job['exp'].name, status='failed', seconds=0.0, error=error_line(e))
 
 # %% ../nbs/11b_ray.ipynb #29103cbd
@@ -117,7 +121,7 @@ def train_needs(needs: dict, root, device: str = 'auto', log=print, address: str
         todo = sorted((n for n in needs.values() if n.stage == stage and not (Path(root) / n.key).exists()), key=lambda n: -n.epochs)
         refs = {task.remote(n, str(root), device, test_dir): n for n in todo}
         for r, n in refs.items():
-            try: st = {**ray.get(r), 'status': 'trained'}; log(f"[train] {n.dataset}/{n.method} seed {n.seed} in {st['seconds']:.1f} s")
+            try: st = {**ray.get(r), 'status': 'trained'}; log(f"[train] {n.dataset}/{n.method} seed {n.seed} in {st['seconds']:.1f} s on node {st['node'][:8]}")
             except Exception as e: st = dict(key=n.key, status='failed', error=error_line(e)); log(f'[FAIL] training {n.key}: {st["error"]}')
             done[n.key] = st
     return done
