@@ -113,7 +113,7 @@ PROFILES: dict[str, Profile] = {
                      multi_eps=1.5, uni_eps=3.0, a_init=1.0, description='seconds per notebook: CI and the notebook tests'),
     'mini': Profile('mini', 'builtin', epochs=20, step2_epochs=5, batch_size=64, optimizer='adam', lr=3e-3,
                     weight_decay=1e-4, lr_step=None, max_train=None, max_eval=None, seeds=(0, 1, 2),
-                    multi_eps=1.5, uni_eps=3.0, a_init=1.0, description='built-in real data on a laptop CPU: the whole reproduction within 20 minutes on 2 cores'),
+                    multi_eps=1.5, uni_eps=3.0, a_init=1.0, description='built-in real data on a laptop CPU: the whole reproduction in about 40 minutes on 2 idle cores'),
     'paper': Profile('paper', 'paper', epochs=140, step2_epochs=45, batch_size=64, optimizer='sgd', lr=1e-3,
                      weight_decay=1e-4, lr_step=60, max_train=None, max_eval=None, seeds=(2024,),
                      description="the papers' datasets and hyper-parameters, on a GPU"),
