@@ -4,13 +4,14 @@
 
 # %% ../nbs/11a_plan.ipynb #76439863
 from __future__ import annotations
-import importlib.resources, json, os, pickle, tempfile, time, warnings
+import json, os, pickle, tempfile, time, warnings
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from types import SimpleNamespace
 import pandas as pd
 from fastcore.basics import patch_to
 from .core import ModelCache, atomic_path, content_hash, get_device, get_profile, load_torch
+from .data import _assets
 from .train import stages_of
 from .methods import METHODS
 from .experiment import Run, get_or_train, cache_key
@@ -181,7 +182,7 @@ def collect(out, names) -> tuple[dict, dict]:
     return needs, users
 
 # %% ../nbs/11a_plan.ipynb #e9a69e8e
-COSTS_FILE = Path(str(importlib.resources.files('crmt_nb'))) / 'assets' / 'train_costs.csv'
+COSTS_FILE = _assets() / 'train_costs.csv'
 
 def _seconds_per_epoch(p: Path) -> dict | None:
     ck = load_torch(p); cfg, h = ck.get('config') or {}, pd.DataFrame(ck.get('history') or {})

@@ -12,6 +12,7 @@ import crmt_nb
 from .core import (get_profile, run_dir, atomic_path, content_hash, library_hash, project_root, file_lock,
                           remove_stale_tmp,
                           PROFILES)
+from .data import _assets
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'RESULT_COLUMNS', 'SMOKE_NOTE', 'NOTEBOOK_SECONDS', 'experiments_dir', 'Experiment', 'select',
@@ -370,8 +371,7 @@ def _job(e: Experiment, profile: str, out: Path, data_root, device, params, forc
                 threads=max(1, (os.cpu_count() or 1) // workers))
 
 # %% ../nbs/11_reproduce.ipynb #04e0539f
-import importlib.resources
-NOTEBOOK_SECONDS = Path(str(importlib.resources.files('crmt_nb'))) / 'assets' / 'notebook_seconds.csv'
+NOTEBOOK_SECONDS = _assets() / 'notebook_seconds.csv'
 
 def shipped_seconds(profile: str) -> dict[str, float]:
     "Per-notebook wall seconds of a `profile` batch measured on this project's machine (`assets/notebook_seconds.csv`)."
