@@ -17,7 +17,7 @@ from .smoothing import with_noise
 # %% auto #0
 __all__ = ['METHODS', 'MethodFactory', 'build_model']
 
-# %% ../nbs/07_methods.ipynb #ed50fc04
+# %% ../nbs/07_methods.ipynb #881b1dc0
 class MethodFactory:
     "A named method: `factory(**options)` builds it; `head`/`orth` and `defaults(profile, epochs)` from its class."
     def __init__(self, name: str, cls: type, **fixed):
@@ -30,6 +30,7 @@ class MethodFactory:
     def defaults(self, profile: Profile, epochs: int) -> dict: return self.cls.defaults(profile, epochs)
     def __repr__(self): return f'MethodFactory({self.name!r}, {self.cls.__name__}, {self.fixed})'
 
+# %% ../nbs/07_methods.ipynb #b0995b2f
 METHODS: dict[str, MethodFactory] = {f.name: f for f in [
     MethodFactory('JT', Method),
     MethodFactory('GB', GB),
@@ -48,6 +49,7 @@ METHODS: dict[str, MethodFactory] = {f.name: f for f in [
     MethodFactory('CRMT-JT+noise', with_noise(CRMT), inputs='clean'),
 ]}
 
+# %% ../nbs/07_methods.ipynb #85f11e1f
 def _mmt(method: Method, shapes, n_classes: int, dataset, a_init: float, opts: dict) -> JointModel:
     "The `model='mmt'` transformer: `mmt_model` (geometry from `shapes`) on a paper dataset, else `small_mmt`."
     kw = dict(head=method.head, orth=method.orth, a_init=a_init, **opts)
