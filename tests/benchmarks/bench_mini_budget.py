@@ -1,0 +1,96 @@
+"""What halving the mini budgets would do to SoE Table 3 (issue #14: the mini batch within 20 minutes). Not collected
+by pytest. Run, after a full mini batch (its model cache holds the budget-5 models):
+
+    .venv/bin/python tests/benchmarks/bench_mini_budget.py --reference runs/mini [--epochs 3 --sub-epochs 2] [--queries 250]
+
+Table 3's five methods x the mini seeds, trained by `soe_trained` at the mini profile's settings except the training
+epochs (mini: 5 = 3 sub-model + 2 collaboration epochs) and attacked with Square (`square_collab`) on the seed-0
+evaluation subset (250 images) exactly as the notebook does, at the mini query budget (500) and at `--queries`.
+The budget-5 models are read from the reference run's cache (matched by their stored training config), the others
+are trained into `--root`; the (5 epochs, 500 queries) cell is the reference run's soe_table3_square.csv. Prints, per budget: the mean Square robust accuracy per method and eps, the clean
+accuracy, Table 3's first claim (SoE the most robust at every eps) and the wall time of the training and of Square.
+"""
+import argparse, glob, time
+from pathlib import Path
+from types import SimpleNamespace
+import pandas as pd, torch
+from crmt_nb.core import get_profile, get_device, num_threads
+from crmt_nb.data import mnist5k
+from crmt_nb.soe_baselines import soe_trained, soe_config, soe_eval, soe_key, SOE_METHODS
+from crmt_nb.soe_attacks import square_collab, eval_subset, predict
+from crmt_nb.train import Trained
+
+METHODS = ['GAL', 'ADP', 'MoRE', 'DVERGE', 'SoE']
+
+
+def reference_model(run, ref: Path, method: str, seed: int) -> torch.nn.Module:
+    "The budget-5 model of (method, seed) in the reference cache: the checkpoint whose stored config is soe_config's."
+    cfg, arch, _ = soe_key(run, method)
+    for f in sorted(glob.glob(str(ref / 'models' / run.splits.name / method / f'*-seed{seed}.pt'))):
+        ck = torch.load(f, weights_only=True, map_location='cpu')
+        if ck['config'] == cfg:
+            from crmt_nb.soe_training import build_soe
+            model = build_soe(SOE_METHODS[method](**cfg['options']), **arch); model.load_state_dict(ck['model'])
+            return model.eval()
+    raise FileNotFoundError(f'no {method} seed {seed} model with the mini config under {ref}/models: run the mini batch first')
+
+
+def square(model, test, eps, n_eval, queries, s=0):
+    idx = eval_subset(len(test), n_eval, s)
+    x = torch.stack([test[i][0][0] for i in idx]); y = torch.tensor([int(test[i][1]) for i in idx])
+    xa = square_collab(model, x, y, eps, queries, generator=torch.Generator().manual_seed(s))
+    return (predict(model, x) == y).float().mean().item(), (predict(model, xa) == y).float().mean().item()
+
+
+def main():
+    a = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    a.add_argument('--reference', type=Path, required=True, help='a finished mini run folder (runs/mini)')
+    a.add_argument('--root', type=Path, default=Path('runs/bench_budget'))
+    a.add_argument('--epochs', type=int, default=3); a.add_argument('--sub-epochs', type=int, default=2)
+    a.add_argument('--queries', type=int, default=250)
+    a.add_argument('--seeds', type=int, nargs='+', default=None)
+    o = a.parse_args()
+    prof = get_profile('mini')
+    run = SimpleNamespace(splits=mnist5k(), profile=prof, root=o.root.resolve(), device=get_device('cpu'))
+    ev, seeds = soe_eval(prof), o.seeds or list(prof.seeds)
+    full_q = ev['square_queries']
+    budgets = [(5, o.queries), (o.epochs, full_q), (o.epochs, o.queries)]   # (5, full_q) is the reference run's own table
+    rows, t_train, t_sq = [], 0.0, {}
+    with num_threads(1):
+        for seed in seeds:
+            for m in METHODS:
+                models = {5: reference_model(run, o.reference, m, seed)}
+                t0 = time.perf_counter()
+                models[o.epochs] = soe_trained(run, m, seed, epochs=o.epochs, sub_epochs=o.sub_epochs).model
+                t_train += time.perf_counter() - t0
+                for E, Q in budgets:
+                    t0 = time.perf_counter()
+                    for eps in ev['eps']:
+                        clean, rob = square(models[E], run.splits.test, eps, ev['n_eval'], Q)
+                        rows.append(dict(epochs=E, queries=Q, method=m, seed=seed, eps=eps, clean=clean, square=rob))
+                    t_sq[E, Q] = t_sq.get((E, Q), 0.0) + time.perf_counter() - t0
+                print(f'seed {seed} {m} done; training {t_train:.0f} s so far', flush=True)
+    ref = pd.read_csv(o.reference / 'soe_table3_square' / 'soe_table3_square.csv')
+    ref = ref[ref.method.isin(METHODS) & ref.seed.isin(seeds)]
+    sq, cl = ref[ref.metric == 'accuracy'], ref[ref.metric == 'clean_accuracy']
+    rows += [dict(epochs=5, queries=full_q, method=r.method, seed=r.seed, eps=r.eps, square=r.value,
+                  clean=cl[(cl.method == r.method) & (cl.seed == r.seed) & (cl.eps == r.eps)].value.mean()) for r in sq.itertuples()]
+    df = pd.DataFrame(rows); o.root.mkdir(parents=True, exist_ok=True); df.to_csv(o.root / 'bench_mini_budget.csv', index=False)
+    pd.set_option('display.width', 200)
+    for (E, Q), d in df.groupby(['epochs', 'queries'], sort=False):
+        per = d.groupby(['method', 'seed', 'eps'])['square'].mean()
+        mean = per.groupby(['method', 'eps']).mean().unstack('eps').reindex(METHODS)
+        sd = per.groupby(['method', 'eps']).std(ddof=1).unstack('eps').reindex(METHODS)
+        best = mean.drop('SoE').max()
+        wins = int((mean.loc['SoE'] > best).sum())
+        wall = 'the reference run' if (E, Q) == (5, full_q) else f'Square wall {t_sq[E, Q]:.0f} s'
+        print(f'\n== training epochs {E}, Square {Q} queries ({wall}); '
+              f'clean accuracy {d.clean.mean():.3f}; SoE the most robust at {wins} of {mean.shape[1]} eps')
+        print((100 * mean).round(1).astype(str) + ' ± ' + (100 * sd).round(1).astype(str))
+        print('SoE lead over the best baseline (points):', ', '.join(f'eps={e:g}: {100 * (mean.loc["SoE", e] - best[e]):+.1f}'
+                                                               for e in mean.columns))
+    print(f'\ntraining of the epochs-{o.epochs} models: {t_train:.0f} s')
+
+
+if __name__ == '__main__':
+    main()
