@@ -18,7 +18,8 @@ import pandas as pd, torch
 from crmt_nb.core import get_profile, get_device, num_threads
 from crmt_nb.data import mnist5k
 from crmt_nb.soe_baselines import soe_trained, soe_config, soe_eval, soe_key, SOE_METHODS
-from crmt_nb.soe_attacks import square_collab, eval_subset, predict
+from crmt_nb.soe_attacks import square_collab, predict
+from crmt_nb.soe_transfer import eval_batch
 from crmt_nb.train import Trained
 
 METHODS = ['GAL', 'ADP', 'MoRE', 'DVERGE', 'SoE']
@@ -36,9 +37,9 @@ def reference_model(run, ref: Path, method: str, seed: int) -> torch.nn.Module:
     raise FileNotFoundError(f'no {method} seed {seed} model with the mini config under {ref}/models: run the mini batch first')
 
 
-def square(model, test, eps, n_eval, queries, s=0):
-    idx = eval_subset(len(test), n_eval, s)
-    x = torch.stack([test[i][0][0] for i in idx]); y = torch.tensor([int(test[i][1]) for i in idx])
+def square(run, model, eps, n_eval, queries, s=0):
+    "(clean, Square) accuracy on the seed-s evaluation subset, Square seeded by s: the notebook's `square_accuracy`."
+    x, y, _ = eval_batch(run, n_eval, s)
     xa = square_collab(model, x, y, eps, queries, generator=torch.Generator().manual_seed(s))
     return (predict(model, x) == y).float().mean().item(), (predict(model, xa) == y).float().mean().item()
 
@@ -79,7 +80,7 @@ def main():
                 for E, Q in budgets:
                     t0 = time.perf_counter()
                     for eps in ev['eps']:
-                        clean, rob = square(models[E], run.splits.test, eps, n_eval, Q)
+                        clean, rob = square(run, models[E], eps, n_eval, Q)
                         rows.append(dict(epochs=E, queries=Q, method=m, seed=seed, eps=eps, clean=clean, square=rob))
                     t_sq[E, Q] = t_sq.get((E, Q), 0.0) + time.perf_counter() - t0
                 print(f'seed {seed} {m} done; training {t_train:.0f} s so far', flush=True)

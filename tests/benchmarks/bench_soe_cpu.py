@@ -14,7 +14,9 @@ import argparse, statistics, time
 import torch
 import crmt_nb.train as train_mod
 from crmt_nb.data import mnist5k
-from crmt_nb.soe_baselines import soe_config, SOE_METHODS
+from types import SimpleNamespace
+from crmt_nb.core import get_profile
+from crmt_nb.soe_baselines import soe_key, SOE_METHODS
 from crmt_nb.soe_training import soe_fit, build_soe
 from crmt_nb.soe_attacks import square_collab, pgd_collab
 
@@ -22,19 +24,20 @@ METHODS = ['ADP', 'GAL', 'DVERGE', 'MoRE', 'SoE']
 CL = torch.channels_last
 
 
-def arch(cfg, splits):
-    return dict(depth=cfg['depth'], n_experts=cfg['n_experts'], in_ch=1, n_classes=splits.n_classes, widths=tuple(cfg['widths']),
-                input_pool=cfg['input_pool'], mean=(0.5,), std=(0.5,))
+def arch(method, splits) -> tuple[dict, dict]:
+    "(config, architecture) of `method`'s mini model on `splits`, as `soe_trained` builds it."
+    cfg, a, _ = soe_key(SimpleNamespace(splits=splits, profile=get_profile('mini')), method)
+    return cfg, a
 
 
 def epoch(method, splits, n, channels_last: bool):
     "(seconds, loss) of one mini-config epoch of `method` on n images."
-    cfg = soe_config('mini', method); m = SOE_METHODS[method](**cfg['options'])
+    cfg, a = arch(method, splits); m = SOE_METHODS[method](**cfg['options'])
     real = train_mod.cuda_paths
     train_mod.cuda_paths = (lambda d: True) if channels_last else real    # `_prep`/`_start`: channels-last model and inputs
     try:
         t0 = time.perf_counter()
-        t = soe_fit(lambda: build_soe(m, **arch(cfg, splits)), m, splits, 1, lr=cfg['lr'], weight_decay=0, optimizer='adam',
+        t = soe_fit(lambda: build_soe(m, **a), m, splits, 1, lr=cfg['lr'], weight_decay=0, optimizer='adam',
                     milestones=(), batch_size=cfg['batch_size'], max_train=n, seed=0, threads=1, test=False)
         return time.perf_counter() - t0, float(t.history['loss'].iloc[-1])
     finally: train_mod.cuda_paths = real
@@ -81,8 +84,8 @@ def main():
             for cl in (False, True): s, loss[cl] = epoch(meth, splits, o.n_train, cl); r[cl].append(s)
         nc, cl = statistics.median(r[False]), statistics.median(r[True])
         print(f'    {meth:7s} {nc:6.2f} | {cl:6.2f} -> {nc / cl:.2f}x; loss {loss[False]:.5f} | {loss[True]:.5f}')
-    cfg = soe_config('mini', 'SoE'); torch.manual_seed(0)
-    model = build_soe(SOE_METHODS['SoE'](**cfg['options']), **arch(cfg, splits)).eval()
+    cfg, a = arch('SoE', splits); torch.manual_seed(0)
+    model = build_soe(SOE_METHODS['SoE'](**cfg['options']), **a).eval()
     x = torch.stack([splits.test[i][0][0] for i in range(250)]); y = torch.tensor([int(splits.test[i][1]) for i in range(250)])
     r = {False: [], True: []}
     for _ in range(o.repeats):
