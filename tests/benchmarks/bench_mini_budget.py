@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pandas as pd, torch
 from crmt_nb.core import get_profile, get_device, num_threads
 from crmt_nb.data import mnist5k
-from crmt_nb.soe_baselines import soe_trained, soe_config, soe_eval, soe_key, SOE_METHODS
+from crmt_nb.soe_baselines import soe_trained, soe_eval, soe_key, SOE_METHODS
+from crmt_nb.soe_training import build_soe
 from crmt_nb.soe_attacks import square_collab, predict
 from crmt_nb.soe_transfer import eval_batch
-from crmt_nb.train import Trained
 
 METHODS = ['GAL', 'ADP', 'MoRE', 'DVERGE', 'SoE']
 
@@ -31,7 +31,6 @@ def reference_model(run, ref: Path, method: str, seed: int) -> torch.nn.Module:
     for f in sorted(glob.glob(str(ref / 'models' / run.splits.name / method / f'*-seed{seed}.pt'))):
         ck = torch.load(f, weights_only=True, map_location='cpu')
         if ck['config'] == cfg:
-            from crmt_nb.soe_training import build_soe
             model = build_soe(SOE_METHODS[method](**cfg['options']), **arch); model.load_state_dict(ck['model'])
             return model.eval()
     raise FileNotFoundError(f'no {method} seed {seed} model with the mini config under {ref}/models: run the mini batch first')
